@@ -1,0 +1,236 @@
+"""One consumer loop for every stage: poll, decode, call the core, produce, flush, commit.
+
+Offsets are committed only after every output record is acknowledged by the
+broker and every sink write succeeded, so a crash loses nothing (at-least-once);
+sinks and the count table are idempotent, so a redelivery changes nothing.
+Poison records (that do not decode) are skipped, counted and logged with
+their topic, partition and offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.config import Settings
+from pipeline.errors import DecodeError, PipelineError
+
+__all__ = ["StageWorker", "ErrorPolicy"]
+
+logger = logging.getLogger(__name__)
+
+ErrorPolicy = Callable[[Exception, Any], bool]
+"""on_error(exc, record) -> True to skip the record and go on, False to stop the stage."""
+
+
+def default_on_error(exc: Exception, record: Any) -> bool:
+    """Skip poison records; stop on anything else."""
+    where = f"{record.topic}[{record.partition}]@{record.offset}" if record is not None else "batch"
+    if isinstance(exc, DecodeError):
+        logger.warning("skipping poison record %s: %s", where, exc)
+        return True
+    logger.error("stage failed on %s: %s", where, exc)
+    return False
+
+
+class StageWorker:
+    """Base of the InterConsumer, crop and count workers. Subclasses implement ``process``.
+
+    Lifecycle: ``start()`` creates the Kafka clients (and loads models), ``run()``
+    loops until ``stop()``, a message or time limit, or an idle timeout.
+    """
+
+    stage: str = "stage"
+    input_topic_attr: str = "frames"
+
+    def __init__(self, settings: Settings, name: str, on_error: ErrorPolicy = default_on_error) -> None:
+        self.settings = settings
+        self.name = name
+        self.on_error = on_error
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.counters: dict[str, int] = {"records_in": 0, "frames_in": 0, "frames_out": 0, "poison": 0, "commit_failures": 0}
+        self._rate: deque[tuple[float, int]] = deque(maxlen=30)
+        self.started_at: float | None = None
+        self.running = False
+        self.last_error: str | None = None
+        self._lag: int | None = None
+
+    # -- to override ---------------------------------------------------------
+    @property
+    def input_topic(self) -> str:
+        return str(getattr(self.settings.topics, self.input_topic_attr).name)
+
+    @property
+    def stage_settings(self) -> Any:
+        return getattr(self.settings, self.stage)
+
+    def setup(self) -> None:
+        """Load models or state after the clients exist."""
+
+    def process(self, records: list[Any]) -> list[Any]:
+        """Handle a batch; return producer futures that must succeed before committing."""
+        raise NotImplementedError
+
+    def consumer_options(self) -> dict[str, Any]:
+        return {}
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {}
+
+    # -- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        from actors.kafka_io import make_consumer, make_producer
+
+        if self.consumer is not None:
+            return
+        self.producer = make_producer(self.settings.kafka)
+        self.consumer = make_consumer(
+            self.settings.kafka,
+            group_id=self.settings.group(self.stage),
+            client_id=self.name,
+            max_poll_interval_ms=600000,
+            **self.consumer_options(),
+        )
+        self.subscribe()
+        self.setup()
+        self.started_at = time.time()
+
+    def subscribe(self) -> None:
+        assert self.consumer is not None
+        self.consumer.subscribe([self.input_topic])
+
+    def stop(self) -> None:
+        """Ask ``run`` to finish its current batch, commit, and return."""
+        self._stop.set()
+
+    def close(self) -> None:
+        for client in (self.consumer, self.producer):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # closing is best effort
+                    logger.debug("close failed", exc_info=True)
+        self.consumer = self.producer = None
+
+    def run(self, max_messages: int | None = None, timeout_s: float | None = None, idle_timeout_s: float | None = None) -> dict[str, Any]:
+        """Consume until stopped, ``max_messages`` records, ``timeout_s`` seconds, or ``idle_timeout_s`` without records."""
+        self.start()
+        assert self.consumer is not None
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last_record = time.monotonic()
+        cfg = self.stage_settings
+        self.running = True
+        try:
+            while not self._stop.is_set():
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if max_messages is not None and self.counters["records_in"] >= max_messages:
+                    break
+                if idle_timeout_s is not None and time.monotonic() - last_record >= idle_timeout_s:
+                    break
+                limit = cfg.batch_size
+                if max_messages is not None:
+                    limit = min(limit, max_messages - self.counters["records_in"])
+                polled = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
+                records = [r for batch in polled.values() for r in batch]
+                if not records:
+                    self._measure_lag()
+                    continue
+                self.handle(records)
+                last_record = time.monotonic()
+        except Exception as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.running = False
+            self.close()
+        return self.stats()
+
+    def handle(self, records: list[Any]) -> None:
+        """Process one polled batch, wait for its outputs, then commit its offsets."""
+        futures = self.process(records)
+        assert self.producer is not None
+        if futures:
+            self.producer.flush()
+            for future in futures:
+                try:
+                    future.get(timeout=60)
+                except KafkaError as exc:
+                    raise PipelineError(f"{self.name}: output not acknowledged, offsets not committed: {exc}") from exc
+        self.commit(records)
+        with self._lock:
+            self.counters["records_in"] += len(records)
+            self._rate.append((time.monotonic(), self.counters["frames_in"]))
+        self._measure_lag()
+
+    def commit(self, records: list[Any]) -> None:
+        assert self.consumer is not None
+        offsets: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp not in offsets or offsets[tp].offset <= r.offset:
+                offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        try:
+            self.consumer.commit(offsets)
+        except CommitFailedError as exc:
+            # The group rebalanced under us: another member will redeliver; sinks are idempotent.
+            self.counters["commit_failures"] += 1
+            logger.warning("%s: commit failed after a rebalance, records will be redelivered: %s", self.name, exc)
+
+    def decode_or_skip(self, record: Any, decode: Callable[[Any], Any]) -> Any | None:
+        """Decode a record; a poison record is counted and skipped (None) if the policy allows."""
+        try:
+            return decode(record)
+        except DecodeError as exc:
+            self.counters["poison"] += 1
+            if self.on_error(exc, record):
+                return None
+            raise
+
+    # -- observability -------------------------------------------------------
+    def _measure_lag(self) -> None:
+        """Records left in this worker's partitions; measured on the loop's own thread (clients are not thread-safe)."""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        total = 0
+        try:
+            for tp in consumer.assignment():
+                high = consumer.highwater(tp)
+                if high is not None:
+                    total += max(high - consumer.position(tp, timeout_ms=1000), 0)
+        except Exception:  # best effort: stats must never break the loop
+            logger.debug("lag measurement failed", exc_info=True)
+            return
+        self._lag = total
+
+    def fps(self) -> float:
+        with self._lock:
+            if len(self._rate) < 2:
+                return 0.0
+            (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "running": self.running,
+            **self.counters,
+            "fps": round(self.fps(), 2),
+            "lag": self._lag,
+            "uptime_s": round(time.time() - self.started_at, 1) if self.started_at else 0.0,
+            "last_error": self.last_error,
+            **self.extra_stats(),
+        }

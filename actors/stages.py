@@ -1,0 +1,250 @@
+"""The three consumer stages as plain classes: InterConsumer (YOLO), crop, count.
+
+Each is a thin shell: decode with ``pipeline.codecs``, call the core
+(``pipeline.detector``, ``pipeline.crop``, ``pipeline.counting``), produce, and
+let ``StageWorker`` commit. ``actors.launcher`` makes them Ray actors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kafka import TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+
+from actors.kafka_io import make_consumer, send_record
+from actors.loop import StageWorker
+from pipeline.codecs import (
+    Record,
+    decode_detected_frame,
+    decode_detections,
+    decode_frame,
+    decode_jpeg,
+    decode_json,
+    encode_detected_frame,
+    encode_detections,
+    encode_json,
+)
+from pipeline.counting import VehicleCounter
+from pipeline.crop import CropSink, crop_detections
+from pipeline.detector import Detector, make_detector
+from pipeline.errors import DecodeError
+from pipeline.messages import EndOfStream, FrameDetections, FrameMeta
+
+__all__ = ["InterWorker", "CropWorker", "CountWorker", "read_table"]
+
+logger = logging.getLogger(__name__)
+
+
+class InterWorker(StageWorker):
+    """Consumes frames from A, detects in batches, publishes to B (frame + boxes) and C (boxes)."""
+
+    stage = "inter"
+    input_topic_attr = "frames"
+
+    def __init__(self, *args: Any, detector: Detector | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.detector = detector
+        self.counters.update(detections=0, end_of_streams=0)
+        self.inference_s = 0.0
+
+    def setup(self) -> None:
+        if self.detector is None:
+            self.detector = make_detector(self.settings.model)
+        load = getattr(self.detector, "load", None)
+        if load is not None:
+            load()
+
+    def process(self, records: list[Any]) -> list[Any]:
+        assert self.producer is not None and self.detector is not None
+        topics = self.settings.topics
+        frames: list[tuple[FrameMeta, bytes, Any]] = []
+        futures: list[Any] = []
+        for record in records:
+            decoded = self.decode_or_skip(record, lambda r: self._decode(r))
+            if decoded is None:
+                continue
+            if isinstance(decoded, EndOfStream):
+                self.counters["end_of_streams"] += 1
+                futures.append(send_record(self.producer, topics.detections.name, encode_detections(decoded)))
+                continue
+            frames.append(decoded)
+        if frames:
+            t0 = time.perf_counter()
+            results = self.detector.detect([image for _, _, image in frames])
+            elapsed = time.perf_counter() - t0
+            self.inference_s += elapsed
+            per_frame_ms = elapsed * 1000 / len(frames)
+            for (meta, jpeg, _), detections in zip(frames, results, strict=True):
+                result = FrameDetections(meta, detections, model=self.detector.name, inference_ms=per_frame_ms)
+                futures.append(send_record(self.producer, topics.detected_frames.name, encode_detected_frame(result, jpeg)))
+                futures.append(send_record(self.producer, topics.detections.name, encode_detections(result)))
+                self.counters["detections"] += len(detections)
+            self.counters["frames_in"] += len(frames)
+            self.counters["frames_out"] += len(frames)
+        return futures
+
+    @staticmethod
+    def _decode(record: Any) -> tuple[FrameMeta, bytes, Any] | EndOfStream:
+        decoded = decode_frame(record.value, record.headers)
+        if isinstance(decoded, EndOfStream):
+            return decoded
+        meta, jpeg = decoded
+        return meta, jpeg, decode_jpeg(jpeg)
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"model": getattr(self.detector, "name", None), "inference_s": round(self.inference_s, 3)}
+
+
+class CropWorker(StageWorker):
+    """Consumes B and writes every box above the crop threshold under ``<output>/crops/<label>/``."""
+
+    stage = "crop"
+    input_topic_attr = "detected_frames"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.crops_by_label: Counter[str] = Counter()
+        self.sink = CropSink(Path(self.settings.output_dir) / "crops", writer=self.name, jpeg_quality=self.settings.crops.jpeg_quality)
+
+    def process(self, records: list[Any]) -> list[Any]:
+        for record in records:
+            decoded = self.decode_or_skip(record, lambda r: self._decode(r))
+            if decoded is None:
+                continue
+            result, image = decoded
+            crops = crop_detections(image, result.detections, self.settings.crops.min_confidence)
+            self.sink.write(result.meta, crops)
+            self.crops_by_label.update(c.label for c in crops)
+            self.counters["frames_in"] += 1
+            self.counters["frames_out"] += 1
+        return []
+
+    @staticmethod
+    def _decode(record: Any) -> tuple[FrameDetections, Any] | None:
+        decoded = decode_detected_frame(record.value, record.headers)
+        if isinstance(decoded, EndOfStream):
+            return None  # end markers on B carry nothing to crop
+        result, jpeg = decoded
+        return result, decode_jpeg(jpeg)
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"crops": dict(self.crops_by_label)}
+
+
+def read_table(settings: Any) -> dict[str, dict[str, Any]]:
+    """Read the whole count table (every stream's last snapshot) from the changelog topic."""
+    topic = settings.topics.counts_changelog.name
+    consumer = make_consumer(settings.kafka, group_id=None)
+    try:
+        parts = consumer.partitions_for_topic(topic) or set()
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        if not tps:
+            return {}
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        table: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + 60
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise DecodeError(f"timed out reading the count table from {topic}")
+            for batch in consumer.poll(timeout_ms=500).values():
+                for r in batch:
+                    key = r.key.decode() if r.key else ""
+                    if r.value is None:
+                        table.pop(key, None)
+                        continue
+                    try:
+                        table[key] = decode_json(r.value)
+                    except DecodeError as exc:
+                        logger.warning("ignoring a bad changelog record %s: %s", key, exc)
+        return table
+    finally:
+        consumer.close()
+
+
+class CountWorker(StageWorker):
+    """Consumes C (keyed by stream) and keeps the vehicle table, backed by a compacted changelog.
+
+    On every partition assignment the table is re-read from the changelog, so a
+    restarted or rebalanced replica resumes from the last committed state. The
+    snapshot of each touched stream is written (and acknowledged) before the
+    input offsets are committed, and the snapshot records which frames were
+    applied, so a redelivered frame is never counted twice.
+    """
+
+    stage = "count"
+    input_topic_attr = "detections"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        c = self.settings.counting
+        self.counter = VehicleCounter(labels=c.labels, min_confidence=c.min_confidence, window_frames=c.window_frames)
+        self.counters.update(duplicates=0, restores=0)
+        self.latencies_ms: list[float] = []
+
+    def subscribe(self) -> None:
+        assert self.consumer is not None
+        worker = self
+
+        class Restore(ConsumerRebalanceListener):
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                pass
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                worker.restore()
+
+        self.consumer.subscribe([self.input_topic], listener=Restore())
+
+    def restore(self) -> None:
+        for stream_id, snapshot in read_table(self.settings).items():
+            self.counter.restore(stream_id, snapshot)
+        self.counters["restores"] += 1
+
+    def process(self, records: list[Any]) -> list[Any]:
+        assert self.producer is not None
+        topics = self.settings.topics
+        touched: set[str] = set()
+        futures: list[Any] = []
+        now = time.time()
+        for record in records:
+            item = self.decode_or_skip(record, lambda r: decode_detections(r.value))
+            if item is None:
+                continue
+            if isinstance(item, EndOfStream):
+                self.counter.end_of_stream(item)
+                touched.add(item.stream_id)
+                continue
+            self.counters["frames_in"] += 1
+            update = self.counter.update(item)
+            if update is None:
+                self.counters["duplicates"] += 1
+                continue
+            touched.add(update.stream_id)
+            self.counters["frames_out"] += 1
+            self.latencies_ms.append((now - update.capture_ts) * 1000)
+            rec = Record(key=update.stream_id.encode(), value=encode_json(update.to_dict()))
+            futures.append(send_record(self.producer, topics.counts.name, rec))
+        for stream_id in sorted(touched):
+            snap = Record(key=stream_id.encode(), value=encode_json(self.counter.snapshot(stream_id)))
+            futures.append(send_record(self.producer, topics.counts_changelog.name, snap))
+        return futures
+
+    def extra_stats(self) -> dict[str, Any]:
+        return {"table": self.counter.table(), "latency_ms": _percentiles(self.latencies_ms)}
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 1)
+
+    return {"p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "n": float(len(ordered))}

@@ -1,0 +1,1 @@
+"""Kafka broker launcher, topic admin and the Ray cluster helper and YAML."""

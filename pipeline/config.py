@@ -1,0 +1,316 @@
+"""Settings for a whole pipeline: one frozen pydantic model per concern.
+
+Values come, lowest priority first, from the model defaults (which
+``configs/default.yaml`` mirrors), a YAML file, ``VAPIPE_*`` environment
+variables and CLI flags. Nested fields are addressed with ``__`` in environment
+variables and ``.`` in flags: ``VAPIPE_INTER__REPLICAS=3`` and
+``--set inter.replicas=3`` mean the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "KafkaConfig",
+    "BrokerConfig",
+    "TopicSpec",
+    "TopicsConfig",
+    "ProducerConfig",
+    "StageConfig",
+    "ModelConfig",
+    "CropConfig",
+    "CountConfig",
+    "RayConfig",
+    "Settings",
+    "load_settings",
+    "COCO_VEHICLES",
+]
+
+logger = logging.getLogger(__name__)
+
+COCO_VEHICLES: tuple[str, ...] = ("bicycle", "car", "motorcycle", "bus", "train", "truck")
+"""COCO labels the study counts as vehicles."""
+
+ENV_PREFIX = "VAPIPE_"
+
+Compression = Literal["snappy", "gzip", "lz4", "zstd", "none"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+ProcessingGuarantee = Literal["at_least_once", "exactly_once"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaConfig(_Frozen):
+    """How every client reaches the cluster."""
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    """Comma-separated host:port list."""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = None
+    connect_timeout_s: float = Field(10.0, gt=0)
+    """How long a command waits for the broker before it fails with a clear error."""
+    linger_ms: int = Field(5, ge=0)
+    """Producer batching delay; 5 ms as in the study."""
+    compression_type: Compression = "snappy"
+    """Producer compression; snappy as in the study."""
+    max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    """Largest record (a JPEG frame plus headers) producers send and brokers accept."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Passed unchanged to every kafka-python client (escape hatch)."""
+
+    def hosts(self) -> list[str]:
+        return [h.strip() for h in self.bootstrap_servers.split(",") if h.strip()]
+
+
+class BrokerConfig(_Frozen):
+    """The single-node KRaft broker that ``vapipe kafka start`` runs on this machine."""
+
+    listen_host: str = "127.0.0.1"
+    """Interface the broker binds; 0.0.0.0 to accept other machines."""
+    advertised_host: str | None = None
+    """Address other machines use to reach this broker; defaults to listen_host.
+    Must be reachable from every Ray node when the cluster spans machines."""
+    port: int = Field(9092, gt=0, lt=65536)
+    controller_port: int = Field(9093, gt=0, lt=65536)
+    state_dir: str = ".cache/kafka"
+    """Jars, data, logs and pid file, relative to the working directory unless absolute."""
+    heap: str = "768m"
+    start_timeout_s: float = Field(60.0, gt=0)
+
+
+class TopicSpec(_Frozen):
+    name: str = Field(min_length=1)
+    partitions: int = Field(6, gt=0)
+    replication_factor: int = Field(1, gt=0)
+    config: dict[str, str] = Field(default_factory=dict)
+
+
+class TopicsConfig(_Frozen):
+    """The study's topics A, B and C, plus the count table's output and changelog."""
+
+    frames: TopicSpec = TopicSpec(name="vapipe.A.frames")
+    """A: JPEG frames from producers."""
+    detected_frames: TopicSpec = TopicSpec(name="vapipe.B.detected-frames")
+    """B: JPEG frames with their detections, for the crop stage."""
+    detections: TopicSpec = TopicSpec(name="vapipe.C.detections")
+    """C: detections only (JSON), keyed by stream, for the count stage."""
+    counts: TopicSpec = TopicSpec(name="vapipe.counts", partitions=3)
+    """Per-frame count updates (JSON)."""
+    counts_changelog: TopicSpec = TopicSpec(
+        name="vapipe.counts-changelog",
+        partitions=6,
+        config={"cleanup.policy": "compact"},
+    )
+    """Compacted table state keyed by stream, so a restarted count replica recovers."""
+
+    def all(self) -> list[TopicSpec]:
+        return [self.frames, self.detected_frames, self.detections, self.counts, self.counts_changelog]
+
+
+class ProducerConfig(_Frozen):
+    fps: float = Field(10.0, ge=0)
+    """Target frames per second per stream (the study used 10); 0 means as fast as possible."""
+    jpeg_quality: int = Field(90, ge=1, le=100)
+    max_frames: int | None = Field(None, gt=0)
+    """Stop a stream after this many frames (None: until the source ends)."""
+    num_cpus: float = Field(0.25, gt=0)
+
+
+class StageConfig(_Frozen):
+    """Replicas and Ray resources of one consumer stage."""
+
+    replicas: int = Field(1, gt=0)
+    num_cpus: float = Field(0.5, gt=0)
+    """Logical Ray CPUs per actor; fractions let several replicas share a small machine."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs per actor when the cluster has GPUs (fractions allowed); ignored otherwise."""
+    batch_size: int = Field(8, gt=0)
+    """Records handled per poll (inference batch for the InterConsumer)."""
+    poll_timeout_ms: int = Field(200, gt=0)
+
+
+class ModelConfig(_Frozen):
+    name: str = "yolov8n.pt"
+    """Ultralytics model name or path; official weights are downloaded on first use."""
+    device: str = "auto"
+    """'auto' (GPU when the actor has one), 'cpu', 'cuda', 'cuda:1', ..."""
+    imgsz: int = Field(640, gt=0)
+    min_confidence: float = Field(0.25, ge=0, le=1)
+    """Detections below this are dropped by the model itself."""
+
+
+class CropConfig(_Frozen):
+    min_confidence: float = Field(0.7, ge=0, le=1)
+    """Crop only boxes strictly above this confidence."""
+    jpeg_quality: int = Field(95, ge=1, le=100)
+
+
+class CountConfig(_Frozen):
+    min_confidence: float = Field(0.5, ge=0, le=1)
+    """Count only boxes strictly above this confidence."""
+    labels: tuple[str, ...] = COCO_VEHICLES
+    window_frames: int = Field(50, gt=0)
+    """Moving count covers the last N frames of each stream."""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_not_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one label to count")
+        return v
+
+
+class RayConfig(_Frozen):
+    address: str | None = None
+    """None starts a local Ray; 'auto' or host:port joins a running cluster."""
+    dashboard_host: str = "127.0.0.1"
+    num_cpus: int | None = None
+    """CPUs of a local Ray (None: all of this machine)."""
+
+
+class Settings(_Frozen):
+    kafka: KafkaConfig = KafkaConfig()
+    broker: BrokerConfig = BrokerConfig()
+    topics: TopicsConfig = TopicsConfig()
+    producer: ProducerConfig = ProducerConfig()
+    inter: StageConfig = StageConfig(num_cpus=1.0, batch_size=8)
+    crop: StageConfig = StageConfig(num_cpus=0.25, batch_size=32)
+    count: StageConfig = StageConfig(num_cpus=0.25, batch_size=64)
+    model: ModelConfig = ModelConfig()
+    crops: CropConfig = CropConfig()
+    counting: CountConfig = CountConfig()
+    ray: RayConfig = RayConfig()
+    output_dir: str = "output"
+    """Crops, index and run summaries go here."""
+    group_prefix: str = "vapipe"
+    """Consumer groups are '<prefix>-inter', '<prefix>-crop', '<prefix>-count'."""
+    processing_guarantee: ProcessingGuarantee = "at_least_once"
+
+    def group(self, stage: str) -> str:
+        return f"{self.group_prefix}-{stage}"
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value the way YAML would ('3' -> 3, 'true' -> True, '[a, b]' -> list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``VAPIPE_SECTION__FIELD=value`` variables into a nested override dict."""
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in ("VAPIPE_SHARED", "VAPIPE_CONFIG"):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if path:
+            _set_path(tree, path, _parse_scalar(raw))
+    return tree
+
+
+def dotted_overrides(pairs: list[str]) -> dict[str, Any]:
+    """Turn ``section.field=value`` strings (CLI ``--set``) into a nested override dict."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"invalid override {pair!r}: expected section.field=value")
+        _set_path(tree, [p.strip() for p in key.split(".")], _parse_scalar(raw))
+    return tree
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _one_line(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(root)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    got = first.get("input")
+    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"invalid config in {origin}: {field}: {first['msg']}{got_text}{more}"
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Load and validate settings: YAML file, then environment, then explicit overrides.
+
+    Args:
+        path: YAML file; None uses ``$VAPIPE_CONFIG`` if set, else the built-in defaults.
+        overrides: nested dict from CLI flags, highest priority.
+        environ: environment to read ``VAPIPE_*`` from (default ``os.environ``).
+
+    Raises:
+        ConfigError: one line naming the file, the field and the problem.
+    """
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get("VAPIPE_CONFIG"):
+        path = environ["VAPIPE_CONFIG"]
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is not None:
+        origin = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"invalid YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"invalid config in {path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    env = env_overrides(environ)
+    if env:
+        data = _merge(data, env)
+        origin += " + VAPIPE_* environment"
+    if overrides:
+        data = _merge(data, overrides)
+        origin += " + flags"
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err, origin)) from None

@@ -1,0 +1,155 @@
+"""Detector wrapper: ultralytics YOLO at the edge, loaded lazily, plus a calibration detector.
+
+``ultralytics`` and ``torch`` are imported only when a model is loaded, so the
+rest of the core (and its tests) never pays for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+from pipeline.errors import ModelError
+from pipeline.messages import Detections
+
+__all__ = ["Detector", "UltralyticsDetector", "CalibrationDetector", "make_detector", "check_model", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+_CALIBRATION = re.compile(r"^sleep:(\d+(?:\.\d+)?)ms$")
+MODEL_SUFFIXES = (".pt", ".onnx", ".engine", ".torchscript", ".yaml", ".xml", ".tflite", ".mlpackage")
+
+
+class Detector(Protocol):
+    """Anything that turns a batch of BGR images into one ``Detections`` per image."""
+
+    name: str
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]: ...
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cuda' when this process sees a GPU, else 'cpu'."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+
+
+def from_ultralytics(result: Any) -> Detections:
+    """Convert one ``ultralytics.engine.results.Results`` to column-wise ``Detections``."""
+    boxes = result.boxes
+    if boxes is None or len(boxes) == 0:
+        return Detections.empty()
+    class_id = boxes.cls.cpu().numpy().astype(np.int64)
+    names = result.names
+    return Detections(
+        xyxy=boxes.xyxy.cpu().numpy().astype(np.float32),
+        confidence=boxes.conf.cpu().numpy().astype(np.float32),
+        class_id=class_id,
+        labels=tuple(str(names[int(c)]) for c in class_id),
+    )
+
+
+class UltralyticsDetector:
+    """YOLO through ultralytics; the weights load on first use (or ``load()``), once per process.
+
+    Example:
+        >>> det = UltralyticsDetector(ModelConfig(name="../shared/models/yolov8n_int8.onnx"))
+        >>> det.detect([image])[0].labels
+        ('bicycle', 'car', 'dog', 'truck')
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self.device = resolve_device(config.device)
+        self._model: Any = None
+
+    def load(self) -> None:
+        if self._model is not None:
+            return
+        check_model(self.config.name)
+        try:
+            from ultralytics import YOLO
+
+            self._model = YOLO(self.config.name, task="detect")
+        except Exception as exc:  # ultralytics raises many types for a bad file
+            raise ModelError(f"cannot load model {self.config.name!r}: {exc}") from exc
+        logger.info("loaded %s on %s", self.config.name, self.device)
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        if not images:
+            return []
+        self.load()
+        results = self._model.predict(
+            images,
+            conf=self.config.min_confidence,
+            imgsz=self.config.imgsz,
+            device=self.device,
+            verbose=False,
+        )
+        return [from_ultralytics(r) for r in results]
+
+
+class CalibrationDetector:
+    """Sleeps a fixed time per frame and finds nothing: measures the pipeline's own cost.
+
+    A calibration tool for scaling experiments on small machines, selected with
+    ``model.name: "sleep:40ms"``; ``vapipe run`` refuses it unless asked.
+    """
+
+    def __init__(self, per_frame_s: float) -> None:
+        self.per_frame_s = per_frame_s
+        self.name = f"sleep:{per_frame_s * 1000:g}ms"
+
+    def detect(self, images: list[np.ndarray]) -> list[Detections]:
+        time.sleep(self.per_frame_s * len(images))
+        return [Detections.empty() for _ in images]
+
+
+def is_calibration(name: str) -> bool:
+    return bool(_CALIBRATION.match(name))
+
+
+def check_model(name: str) -> None:
+    """Fail early, with one line, on a model path that cannot exist.
+
+    Bare official names ('yolov8n.pt') are left to ultralytics, which downloads them.
+
+    Raises:
+        ModelError: the name looks like a path and no such file exists.
+    """
+    if is_calibration(name):
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_dir() and path.suffix not in (".mlpackage", ""):
+            raise ModelError(f"model path {name!r} is a folder, not a model file")
+        return
+    looks_like_path = "/" in name or "\\" in name or name.startswith(".")
+    if looks_like_path:
+        raise ModelError(f"model file not found: {name}")
+    if not name.endswith(MODEL_SUFFIXES):
+        raise ModelError(
+            f"unknown model {name!r}: give an ultralytics name such as 'yolov8n.pt' or a path ending in one of {', '.join(MODEL_SUFFIXES)}"
+        )
+
+
+def make_detector(config: ModelConfig) -> Detector:
+    """Build the detector a config names (not loaded yet)."""
+    match = _CALIBRATION.match(config.name)
+    if match:
+        return CalibrationDetector(float(match.group(1)) / 1000.0)
+    check_model(config.name)
+    return UltralyticsDetector(config)

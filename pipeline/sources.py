@@ -1,0 +1,241 @@
+"""Video sources read with OpenCV: files, RTSP/HTTP URLs, webcams, image folders, panned stills.
+
+A source is validated when opened, so a missing or corrupt video fails before
+anything is published. Frames that cannot be read mid-stream are skipped,
+logged and counted, never silently lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+
+from pipeline.errors import SourceError
+
+__all__ = ["SourceSpec", "Frame", "VideoSource", "parse_source", "demo_image_path"]
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["file", "url", "webcam", "folder", "pan"]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+MAX_CONSECUTIVE_BAD_FRAMES = 25
+_STREAM_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """Where frames come from and the stream id they are published under."""
+
+    uri: str
+    stream_id: str
+    kind: SourceKind
+    pan_frames: int = 90
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    index: int
+    image: np.ndarray
+
+
+def _sanitize_stream_id(text: str) -> str:
+    cleaned = _STREAM_ID.sub("-", text).strip("-.")
+    return cleaned or "stream"
+
+
+def demo_image_path() -> Path:
+    """The bus photo that ships inside the ultralytics package (used by ``vapipe demo``)."""
+    import ultralytics
+
+    path = Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
+    if not path.exists():
+        raise SourceError(f"ultralytics ships no demo image at {path}")
+    return path
+
+
+def parse_source(text: str, stream_id: str | None = None) -> SourceSpec:
+    """Parse a ``--source`` value.
+
+    Forms: ``path/to/video.mp4``, ``rtsp://…`` or ``http(s)://…``, a webcam index
+    (``0``), a folder of images, ``pan:path/to/image.jpg[:frames]`` (a still panned
+    into a clip) or ``demo`` (the ultralytics bus photo panned). Prefix ``name=`` to
+    choose the stream id: ``cam1=rtsp://…``.
+    """
+    text = text.strip()
+    if not text:
+        raise SourceError("empty --source")
+    if "=" in text.split("://")[0] and stream_id is None:
+        name, _, text = text.partition("=")
+        stream_id = name
+    if text == "demo":
+        return SourceSpec(uri=str(demo_image_path()), stream_id=_sanitize_stream_id(stream_id or "demo"), kind="pan")
+    if text.startswith("pan:"):
+        rest = text[4:]
+        frames = 90
+        head, sep, tail = rest.rpartition(":")
+        if sep and tail.isdigit():
+            rest, frames = head, int(tail)
+        return SourceSpec(uri=rest, stream_id=_sanitize_stream_id(stream_id or Path(rest).stem), kind="pan", pan_frames=frames)
+    if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.I):
+        default = re.sub(r"^[a-z][a-z0-9+.-]*://", "", text, flags=re.I)
+        return SourceSpec(uri=text, stream_id=_sanitize_stream_id(stream_id or default), kind="url")
+    if text.isdigit():
+        return SourceSpec(uri=text, stream_id=_sanitize_stream_id(stream_id or f"webcam{text}"), kind="webcam")
+    path = Path(text).expanduser()
+    kind: SourceKind = "folder" if path.is_dir() else "file"
+    return SourceSpec(uri=str(path), stream_id=_sanitize_stream_id(stream_id or path.stem), kind=kind)
+
+
+class VideoSource:
+    """Iterate a source's frames; open() validates it and fails with SourceError.
+
+    Attributes:
+        frames_skipped: frames that could not be read and were skipped.
+    """
+
+    def __init__(self, spec: SourceSpec, max_frames: int | None = None) -> None:
+        self.spec = spec
+        self.max_frames = max_frames
+        self.frames_skipped = 0
+        self._cap: cv2.VideoCapture | None = None
+        self._first: np.ndarray | None = None
+        self._images: list[Path] = []
+        self._still: np.ndarray | None = None
+        self.frame_count: int | None = None
+        self.native_fps: float | None = None
+
+    # -- opening -------------------------------------------------------------
+    def open(self) -> VideoSource:
+        kind, uri = self.spec.kind, self.spec.uri
+        if kind == "folder":
+            self._images = sorted(p for p in Path(uri).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self._images:
+                raise SourceError(f"image folder {uri} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            self.frame_count = len(self._images)
+            return self
+        if kind == "pan":
+            if not Path(uri).is_file():
+                raise SourceError(f"image not found: {uri}")
+            self._still = cv2.imread(uri, cv2.IMREAD_COLOR)
+            if self._still is None:
+                raise SourceError(f"cannot decode image {uri}")
+            self.frame_count = self.spec.pan_frames
+            return self
+        if kind == "file":
+            path = Path(uri)
+            if not path.exists():
+                raise SourceError(f"video file not found: {uri}")
+            if not path.is_file():
+                raise SourceError(f"video source is not a file: {uri}")
+            if path.stat().st_size == 0:
+                raise SourceError(f"video file is empty: {uri}")
+        cap = cv2.VideoCapture(int(uri)) if kind == "webcam" else cv2.VideoCapture(uri)
+        if not cap.isOpened():
+            cap.release()
+            what = {"file": "video file", "url": "stream", "webcam": "webcam"}[kind]
+            raise SourceError(f"cannot open {what} {uri}: OpenCV found no decodable video")
+        ok, first = cap.read()
+        if not ok or first is None:
+            cap.release()
+            raise SourceError(f"no readable frame in {uri}: the video is corrupt or empty")
+        self._cap, self._first = cap, first
+        count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self.frame_count = count if kind == "file" and count > 0 else None
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self.native_fps = fps if fps > 0 else None
+        return self
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+    def __enter__(self) -> VideoSource:
+        return self.open() if self._cap is None and self._still is None and not self._images else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reading -------------------------------------------------------------
+    def __iter__(self) -> Iterator[Frame]:
+        frames = self._iter_all()
+        for n, frame in enumerate(frames):
+            if self.max_frames is not None and n >= self.max_frames:
+                break
+            yield frame
+
+    def _iter_all(self) -> Iterator[Frame]:
+        if self.spec.kind == "folder":
+            yield from self._iter_folder()
+        elif self.spec.kind == "pan":
+            yield from self._iter_pan()
+        else:
+            yield from self._iter_capture()
+
+    def _skip(self, index: int, why: str) -> None:
+        self.frames_skipped += 1
+        logger.warning("%s: skipped frame %d: %s", self.spec.stream_id, index, why)
+
+    def _iter_folder(self) -> Iterator[Frame]:
+        for index, path in enumerate(self._images):
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                self._skip(index, f"cannot decode {path.name}")
+                continue
+            yield Frame(index, image)
+
+    def _iter_pan(self) -> Iterator[Frame]:
+        assert self._still is not None
+        yield from (Frame(i, img) for i, img in enumerate(pan_frames(self._still, self.spec.pan_frames)))
+
+    def _iter_capture(self) -> Iterator[Frame]:
+        cap = self._cap
+        if cap is None:
+            raise SourceError(f"source {self.spec.uri} is not open")
+        assert self._first is not None
+        yield Frame(0, self._first)
+        self._first = None
+        index, bad_run = 1, 0
+        while True:
+            ok, image = cap.read()
+            if ok and image is not None:
+                bad_run = 0
+                yield Frame(index, image)
+                index += 1
+                continue
+            # A failed read is the end of a file unless frames remain; then it is a bad frame.
+            remaining = self.frame_count is not None and index < self.frame_count
+            if not remaining or bad_run >= MAX_CONSECUTIVE_BAD_FRAMES:
+                return
+            self._skip(index, "decoder returned no image")
+            bad_run += 1
+            index += 1
+
+
+def pan_frames(image: np.ndarray, count: int, out_width: int = 640, out_height: int = 480) -> list[np.ndarray]:
+    """Turn a still into ``count`` frames by sliding a window across it, so objects move.
+
+    The still is scaled so it is 1.5x wider than the window, then the window slides
+    from left to right and back.
+    """
+    if count <= 0:
+        return []
+    h, w = image.shape[:2]
+    scale = max(out_height / h, 1.5 * out_width / w)
+    scaled = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
+    sh, sw = scaled.shape[:2]
+    span = sw - out_width
+    top = (sh - out_height) // 2
+    frames = []
+    for i in range(count):
+        phase = (i / max(count - 1, 1)) * 2
+        x = round(span * (phase if phase <= 1 else 2 - phase))
+        frames.append(np.ascontiguousarray(scaled[top : top + out_height, x : x + out_width]))
+    return frames
