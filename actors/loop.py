@@ -65,6 +65,8 @@ class StageWorker:
         self.running = False
         self.last_error: str | None = None
         self._lag: int | None = None
+        self.ready = False
+        """True once the clients exist, the model is loaded and the first poll joined the group."""
 
     # -- to override ---------------------------------------------------------
     @property
@@ -144,6 +146,7 @@ class StageWorker:
                     limit = min(limit, max_messages - self.counters["records_in"])
                 polled = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
                 records = [r for batch in polled.values() for r in batch]
+                self.ready = True
                 if not records:
                     self._measure_lag()
                     continue
@@ -227,6 +230,7 @@ class StageWorker:
             "name": self.name,
             "stage": self.stage,
             "running": self.running,
+            "ready": self.ready,
             **self.counters,
             "fps": round(self.fps(), 2),
             "lag": self._lag,

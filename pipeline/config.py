@@ -45,7 +45,7 @@ ENV_PREFIX = "VAPIPE_"
 
 Compression = Literal["snappy", "gzip", "lz4", "zstd", "none"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-ProcessingGuarantee = Literal["at_least_once", "exactly_once"]
+ProcessingGuarantee = Literal["at_least_once"]
 
 
 class _Frozen(BaseModel):
@@ -128,7 +128,7 @@ class ProducerConfig(_Frozen):
     jpeg_quality: int = Field(90, ge=1, le=100)
     max_frames: int | None = Field(None, gt=0)
     """Stop a stream after this many frames (None: until the source ends)."""
-    num_cpus: float = Field(0.25, gt=0)
+    num_cpus: float = Field(0.1, gt=0)
 
 
 class StageConfig(_Frozen):
@@ -188,9 +188,9 @@ class Settings(_Frozen):
     broker: BrokerConfig = BrokerConfig()
     topics: TopicsConfig = TopicsConfig()
     producer: ProducerConfig = ProducerConfig()
-    inter: StageConfig = StageConfig(num_cpus=1.0, batch_size=8)
-    crop: StageConfig = StageConfig(num_cpus=0.25, batch_size=32)
-    count: StageConfig = StageConfig(num_cpus=0.25, batch_size=64)
+    inter: StageConfig = StageConfig(num_cpus=0.25, batch_size=8)
+    crop: StageConfig = StageConfig(num_cpus=0.1, batch_size=32)
+    count: StageConfig = StageConfig(num_cpus=0.1, batch_size=64)
     model: ModelConfig = ModelConfig()
     crops: CropConfig = CropConfig()
     counting: CountConfig = CountConfig()
@@ -200,6 +200,7 @@ class Settings(_Frozen):
     group_prefix: str = "vapipe"
     """Consumer groups are '<prefix>-inter', '<prefix>-crop', '<prefix>-count'."""
     processing_guarantee: ProcessingGuarantee = "at_least_once"
+    """Offsets are committed only after outputs are acknowledged; sinks and the table are idempotent."""
 
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}-{stage}"

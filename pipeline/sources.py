@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 SourceKind = Literal["file", "url", "webcam", "folder", "pan"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CONSECUTIVE_BAD_FRAMES = 25
-_STREAM_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+_STREAM_ID = re.compile(r"[^A-Za-z0-9_.@-]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +37,14 @@ class SourceSpec:
     stream_id: str
     kind: SourceKind
     pan_frames: int = 90
+    explicit_id: bool = False
+    """True when the user named the stream (``cam1=…``): the id then persists across runs."""
+
+    def for_run(self, run_id: str) -> SourceSpec:
+        """Give a derived stream id a per-run suffix so each run of a file is counted afresh."""
+        if self.explicit_id:
+            return self
+        return replace(self, stream_id=f"{self.stream_id}@{run_id}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,12 @@ def parse_source(text: str, stream_id: str | None = None) -> SourceSpec:
     if "=" in text.split("://")[0] and stream_id is None:
         name, _, text = text.partition("=")
         stream_id = name
+    explicit = stream_id is not None
+    spec = _parse_uri(text, stream_id)
+    return replace(spec, explicit_id=explicit)
+
+
+def _parse_uri(text: str, stream_id: str | None) -> SourceSpec:
     if text == "demo":
         return SourceSpec(uri=str(demo_image_path()), stream_id=_sanitize_stream_id(stream_id or "demo"), kind="pan")
     if text.startswith("pan:"):

@@ -1,0 +1,310 @@
+"""`vapipe run`: validate inputs, create topics, launch every stage as named Ray actors, drain, summarise.
+
+A finite run is complete when every producer has published its end-of-stream
+record, the count table has applied every published frame of every stream, and
+the crop group has committed everything on topic B. Then every actor is asked
+to stop, and a JSON summary is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from actors.kafka_io import check_broker, group_lag
+from actors.ray_actors import ProducerActor, StageActor, actor_options
+from actors.stages import read_table
+from cluster.raycluster import connect
+from cluster.topics import create_topics
+from pipeline.config import Settings
+from pipeline.crop import load_index
+from pipeline.detector import check_model, is_calibration
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.sources import SourceSpec, VideoSource
+
+__all__ = ["RunPlan", "run_pipeline", "validate_sources", "new_run_id"]
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("inter", "crop", "count")
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("r%Y%m%d-%H%M%S")
+
+
+@dataclass
+class RunPlan:
+    """What to launch: sources and replicas per stage."""
+
+    sources: list[SourceSpec]
+    replicas: dict[str, int]
+    follow: bool = False
+    allow_calibration: bool = False
+    run_id: str = field(default_factory=new_run_id)
+    stall_timeout_s: float = 300.0
+    include_dashboard: bool = True
+
+
+def validate_sources(sources: list[SourceSpec]) -> None:
+    """Open and close every source so a missing or corrupt video fails before anything is published."""
+    if not sources:
+        raise ConfigError("no --source given")
+    seen: set[str] = set()
+    for spec in sources:
+        if spec.stream_id in seen:
+            raise ConfigError(f"two sources share the stream id {spec.stream_id!r}: name them with id=SOURCE")
+        seen.add(spec.stream_id)
+        VideoSource(spec, max_frames=1).open().close()
+
+
+def _validate_model(settings: Settings, allow_calibration: bool) -> None:
+    name = settings.model.name
+    if is_calibration(name) and not allow_calibration:
+        raise ConfigError(f"model {name!r} is the calibration detector (finds nothing); pass --calibration to use it on purpose")
+    check_model(name)
+
+
+class Progress:
+    """Accumulates what the actors report, for the live line and the summary."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def update(self, stats: list[dict[str, Any]]) -> None:
+        for s in stats:
+            self.stats[s["name"]] = s
+
+    def stage(self, stage: str) -> list[dict[str, Any]]:
+        return [s for s in self.stats.values() if s.get("stage") == stage]
+
+    def total(self, stage: str, key: str) -> int:
+        return sum(int(s.get(key) or 0) for s in self.stage(stage))
+
+    def line(self) -> str:
+        parts = [f"produced {self.total('producer', 'frames_out')}"]
+        for stage in STAGES:
+            fps = sum(float(s.get("fps") or 0) for s in self.stage(stage))
+            lag = sum(int(s.get("lag") or 0) for s in self.stage(stage))
+            parts.append(f"{stage} {self.total(stage, 'frames_out')} ({fps:.1f} f/s, lag {lag})")
+        return " | ".join(parts)
+
+    def streams_complete(self, stream_ids: list[str]) -> bool:
+        table: dict[str, Any] = {}
+        for s in self.stage("count"):
+            table.update(s.get("table") or {})
+        return all(table.get(sid, {}).get("complete") for sid in stream_ids)
+
+
+def run_pipeline(
+    settings: Settings,
+    plan: RunPlan,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline on a Ray cluster and return the run summary.
+
+    Raises:
+        PipelineError: bad source, model, broker, or a stage that failed.
+    """
+    plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
+    validate_sources(plan.sources)
+    _validate_model(settings, plan.allow_calibration)
+    check_broker(settings.kafka)
+    create_topics(settings.kafka, settings.topics.all())
+    started_ray = connect(settings.ray, include_dashboard=plan.include_dashboard)
+    import ray
+
+    actors: dict[str, Any] = {}
+    try:
+        gpus = float(ray.cluster_resources().get("GPU", 0))
+        stage_refs: dict[str, Any] = {}
+        for stage in STAGES:
+            cfg = getattr(settings, stage)
+            for i in range(plan.replicas[stage]):
+                name = f"{stage}-{i}"
+                handle = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, gpus)).remote(stage, settings, name)
+                actors[name] = handle
+                stage_refs[name] = handle.run.remote()
+        _wait_ready(actors, stage_refs, timeout_s=plan.stall_timeout_s)
+        t0 = time.time()
+        producer_refs: dict[str, Any] = {}
+        for spec in plan.sources:
+            name = f"producer-{spec.stream_id}"
+            opts = actor_options(name, settings.producer.num_cpus, 0, 0) | {"max_restarts": 0, "max_task_retries": 0}
+            handle = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name)
+            actors[name] = handle
+            producer_refs[name] = handle.run.remote()
+        progress = Progress()
+        produced = _drain(settings, plan, actors, producer_refs, stage_refs, progress, on_progress)
+        wall = time.time() - t0
+        for handle in actors.values():
+            handle.stop.remote()
+        final = ray.get(list(stage_refs.values()), timeout=120)
+        progress.update(final)
+        summary = _summary(settings, plan, produced, progress, wall)
+        _write_summary(settings, plan, summary)
+        return summary
+    finally:
+        for handle in actors.values():
+            try:
+                ray.kill(handle)
+            except Exception:  # already gone
+                pass
+        if started_ray:
+            ray.shutdown()
+
+
+def _drain(
+    settings: Settings,
+    plan: RunPlan,
+    actors: dict[str, Any],
+    producer_refs: dict[str, Any],
+    stage_refs: dict[str, Any],
+    progress: Progress,
+    on_progress: Callable[[Progress], None] | None,
+) -> dict[str, dict[str, Any]]:
+    """Watch the actors until every stream is fully processed; returns the producers' results."""
+    import ray
+
+    produced: dict[str, dict[str, Any]] = {}
+    stream_ids = [s.stream_id for s in plan.sources]
+    last_change, last_line = time.monotonic(), ""
+    interrupted = False
+    while True:
+        try:
+            ready, _ = ray.wait(list(producer_refs.values()), num_returns=len(producer_refs), timeout=1.0)
+            for name, ref in list(producer_refs.items()):
+                if ref in ready:
+                    produced[name] = _get(ref, name)
+                    del producer_refs[name]
+            done_stages, _ = ray.wait(list(stage_refs.values()), timeout=0)
+            for name, ref in stage_refs.items():
+                if ref in done_stages:
+                    _get(ref, name)  # raises the stage's error; a clean return here is unexpected
+                    raise PipelineError(f"stage actor {name} stopped before the run was complete")
+            stats = _gather_stats(actors)
+        except KeyboardInterrupt:
+            if interrupted:
+                raise
+            interrupted = True
+            logger.warning("interrupted: stopping producers and draining what they published (Ctrl-C again to abort)")
+            for name in producer_refs:
+                actors[name].stop.remote()
+            continue
+        progress.update(stats)
+        if on_progress is not None:
+            on_progress(progress)
+        line = progress.line()
+        if line != last_line:
+            last_change, last_line = time.monotonic(), line
+        elif time.monotonic() - last_change > plan.stall_timeout_s:
+            raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}")
+        if producer_refs or not progress.streams_complete(stream_ids):
+            continue
+        lag = group_lag(settings.kafka, settings.group("crop"), [settings.topics.detected_frames.name])
+        if sum(lag.values()) == 0:
+            return produced
+
+
+def _wait_ready(actors: dict[str, Any], stage_refs: dict[str, Any], timeout_s: float) -> None:
+    """Block until every stage actor has loaded its model and joined its group, so timings start at the first frame."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    pending = set(stage_refs)
+    while pending:
+        if time.monotonic() > deadline:
+            raise PipelineError(f"stage actors not ready after {timeout_s:.0f}s: {', '.join(sorted(pending))}")
+        done, _ = ray.wait(list(stage_refs.values()), timeout=0)
+        for name, ref in stage_refs.items():
+            if ref in done:
+                _get(ref, name)
+                raise PipelineError(f"stage actor {name} stopped during start-up")
+        for st in _gather_stats({n: actors[n] for n in pending}):
+            if st.get("ready"):
+                pending.discard(st["name"])
+        time.sleep(0.5)
+
+
+def _gather_stats(actors: dict[str, Any], timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """Ask every actor for its stats; one that is restarting or slow is left out this round."""
+    import ray
+
+    refs = [h.stats.remote() for h in actors.values()]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    out = []
+    for ref in ready:
+        try:
+            out.append(ray.get(ref))
+        except ray.exceptions.RayError:
+            continue
+    return out
+
+
+def _get(ref: Any, name: str) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+        if isinstance(cause, PipelineError):
+            raise type(cause)(f"{name}: {cause}") from None
+        raise PipelineError(f"{name} failed: {type(cause).__name__}: {cause}") from None
+    except ray.exceptions.RayActorError as exc:
+        raise PipelineError(f"{name} died: {exc}") from None
+
+
+def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, Any]], progress: Progress, wall: float) -> dict[str, Any]:
+    stream_ids = [s.stream_id for s in plan.sources]
+    table = read_table(settings)
+    crops = [e for e in load_index(Path(settings.output_dir) / "crops").values() if e["stream_id"] in stream_ids]
+    frames = sum(p["frames_published"] for p in produced.values())
+    vehicles: dict[str, dict[str, int]] = {sid: table.get(sid, {}).get("totals", {}) for sid in stream_ids}
+    latencies: dict[str, Any] = {s["name"]: s.get("latency_ms") for s in progress.stage("count")}
+    return {
+        "run_id": plan.run_id,
+        "model": settings.model.name,
+        "sources": {s.stream_id: s.uri for s in plan.sources},
+        "replicas": plan.replicas,
+        "frames_produced": frames,
+        "frames_skipped": sum(p["frames_skipped"] for p in produced.values()),
+        "per_stream": {
+            sid: {
+                "produced": next((p["frames_published"] for p in produced.values() if p["stream_id"] == sid), 0),
+                "skipped": next((p["frames_skipped"] for p in produced.values() if p["stream_id"] == sid), 0),
+                "counted": table.get(sid, {}).get("frames_applied", 0),
+            }
+            for sid in stream_ids
+        },
+        "frames_processed": {stage: progress.total(stage, "frames_out") for stage in STAGES},
+        "poison_records": {stage: progress.total(stage, "poison") for stage in STAGES},
+        "detections": progress.total("inter", "detections"),
+        "crops_per_label": dict(sorted(Counter(e["label"] for e in crops).items())),
+        "crops_dir": str((Path(settings.output_dir) / "crops").resolve()),
+        "vehicles": vehicles,
+        "vehicle_totals": dict(sorted(sum((Counter(v) for v in vehicles.values()), Counter()).items())),
+        "wall_s": round(wall, 2),
+        "frames_per_s": round(frames / wall, 2) if wall > 0 else 0.0,
+        "count_latency_ms": latencies,
+        "actors": {
+            name: {k: s.get(k) for k in ("stage", "frames_out", "fps", "node", "gpus", "peak_rss_mb") if k in s}
+            for name, s in sorted(progress.stats.items())
+        },
+    }
+
+
+def _write_summary(settings: Settings, plan: RunPlan, summary: dict[str, Any]) -> Path:
+    folder = Path(settings.output_dir) / "runs"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{plan.run_id}.json"
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    summary["summary_path"] = str(path.resolve())
+    return path
