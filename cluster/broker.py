@@ -178,7 +178,7 @@ class KafkaBroker:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         proc = subprocess.run(
             [java, "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_PATH}", f"-Dkafka.logs.dir={self.log_dir}",
-             "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.props_file)],
+             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.props_file)],
             capture_output=True, text=True,
         )
         if proc.returncode != 0:

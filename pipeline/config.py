@@ -226,13 +226,17 @@ def _parse_scalar(text: str) -> Any:
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Turn ``VAPIPE_SECTION__FIELD=value`` variables into a nested override dict."""
+    """Turn ``VAPIPE_SECTION__FIELD=value`` variables into a nested override dict.
+
+    Only names whose first part is a settings field count; other ``VAPIPE_*``
+    variables (``VAPIPE_SHARED``, ``VAPIPE_CONFIG``, ``VAPIPE_CACHE``, ...) are left alone.
+    """
     tree: dict[str, Any] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in ("VAPIPE_SHARED", "VAPIPE_CONFIG"):
+        if not name.startswith(ENV_PREFIX):
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
-        if path:
+        if path and path[0] in Settings.model_fields:
             _set_path(tree, path, _parse_scalar(raw))
     return tree
 

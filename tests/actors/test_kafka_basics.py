@@ -1,0 +1,126 @@
+"""Against the real broker: the study's producer settings, consumer groups, topic admin, unreachable brokers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from actors.kafka_io import make_admin, make_consumer, make_producer
+from cluster.topics import create_topics, delete_topics, describe_topics, list_topics
+from pipeline.codecs import encode_jpeg
+from pipeline.config import KafkaConfig, TopicSpec
+from pipeline.errors import BrokerError, TopicError
+
+pytestmark = pytest.mark.kafka
+
+
+def _poll_all(consumer, want: int, timeout_s: float = 30.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < want and time.monotonic() < deadline:
+        for batch in consumer.poll(timeout_ms=500).values():
+            got.extend(batch)
+    return got
+
+
+def _big_jpeg(target: int = 300_000) -> bytes:
+    rng = np.random.default_rng(0)
+    side = 300
+    while True:
+        data = encode_jpeg(rng.integers(0, 255, (side, side, 3), dtype=np.uint8), 95)
+        if len(data) >= target:
+            return data
+        side += 50
+
+
+def test_snappy_round_trip_returns_exact_frame_bytes(kafka_bootstrap: str) -> None:
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    topic = f"rt-{uuid.uuid4().hex[:8]}"
+    create_topics(cfg, [TopicSpec(name=topic, partitions=1)])
+    frame = _big_jpeg()
+    assert len(frame) >= 300_000
+    producer = make_producer(cfg)  # snappy, linger_ms=5: the study's settings
+    assert producer.config["compression_type"] == "snappy" and producer.config["linger_ms"] == 5
+    producer.send(topic, key=b"cam/00000001", value=frame, headers=[("stream_id", b"cam")]).get(timeout=30)
+    producer.close()
+    consumer = make_consumer(cfg, topic, group_id=f"g-{uuid.uuid4().hex[:8]}")
+    try:
+        (record,) = _poll_all(consumer, 1)
+    finally:
+        consumer.close()
+    assert record.value == frame
+    assert record.key == b"cam/00000001"
+    assert dict(record.headers)["stream_id"] == b"cam"
+
+
+def test_three_consumers_split_six_partitions_without_overlap(kafka_bootstrap: str) -> None:
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    topic = f"grp-{uuid.uuid4().hex[:8]}"
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    create_topics(cfg, [TopicSpec(name=topic, partitions=6)])
+    consumers = [make_consumer(cfg, topic, group_id=group, session_timeout_ms=10000) for _ in range(3)]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for c in consumers:
+                c.poll(timeout_ms=200)
+            sizes = [len(c.assignment()) for c in consumers]
+            if sum(sizes) == 6 and all(sizes):
+                break
+        assignments = [set(c.assignment()) for c in consumers]
+    finally:
+        for c in consumers:
+            c.close()
+    assert [len(a) for a in assignments] == [2, 2, 2]
+    union = set().union(*assignments)
+    assert len(union) == 6 and {tp.partition for tp in union} == set(range(6))
+
+
+def test_create_topics_is_idempotent_and_checks_replication(kafka_bootstrap: str) -> None:
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    names = [f"idem-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+    specs = [TopicSpec(name=n, partitions=3) for n in names]
+    assert set(create_topics(cfg, specs).values()) == {"created"}
+    before = describe_topics(cfg, names)
+    assert set(create_topics(cfg, specs).values()) == {"exists"}
+    assert describe_topics(cfg, names) == before
+    assert set(names) <= set(list_topics(cfg))
+    with pytest.raises(TopicError, match=r"replication factor 3 needs at least 3 brokers.*has 1"):
+        create_topics(cfg, [TopicSpec(name=f"rf-{uuid.uuid4().hex[:6]}", replication_factor=3)])
+    assert delete_topics(cfg, names) == names
+
+
+def test_unreachable_broker_fails_fast_with_its_address() -> None:
+    cfg = KafkaConfig(bootstrap_servers="127.0.0.1:1", connect_timeout_s=3)
+    t0 = time.monotonic()
+    with pytest.raises(BrokerError, match=r"127\.0\.0\.1:1"):
+        make_admin(cfg)
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["topics", "create"],
+        ["topics", "list"],
+        ["topics", "describe"],
+        ["counts"],
+        ["produce", "--source", "demo", "--max-frames", "1"],
+    ],
+)
+def test_cli_commands_fail_within_15s_on_unreachable_broker(args: list[str]) -> None:
+    env = dict(os.environ, VAPIPE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr
+    assert elapsed < 15
+    err = proc.stderr.strip().splitlines()
+    assert err and "127.0.0.1:1" in err[-1] and err[-1].startswith("error:")
+    assert "Traceback" not in proc.stderr

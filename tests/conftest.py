@@ -1,0 +1,139 @@
+"""Shared fixtures: the shared data folder, a real Kafka broker, per-test topics and groups, local Ray.
+
+Tests that need Kafka, Ray or the model fail (never skip) when CI=true and the
+part is missing. Outside CI, a test session without VAPIPE_TEST_BOOTSTRAP starts
+a private broker of its own from the Maven-resolved jars.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import Settings, load_settings
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _missing(what: str) -> None:
+    """A required part is absent: fail in CI (and everywhere: a skipped test proves nothing)."""
+    pytest.fail(f"{what} (CI={os.environ.get('CI', '')})", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    path = Path(os.environ.get("VAPIPE_SHARED", ROOT.parent / "shared")).resolve()
+    if not (path / "models").is_dir():
+        _missing(f"shared test data not found at {path}; set VAPIPE_SHARED")
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_path(shared_dir: Path) -> str:
+    path = shared_dir / "models" / "yolov8n_int8.onnx"
+    if not path.is_file():
+        _missing(f"model not found: {path}")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def highway(shared_dir: Path) -> str:
+    return str(shared_dir / "videos" / "highway-320x240.avi")
+
+
+@pytest.fixture(scope="session")
+def race(shared_dir: Path) -> str:
+    return str(shared_dir / "videos" / "race-1280x720.mp4")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address of a real broker: $VAPIPE_TEST_BOOTSTRAP (CI starts one) or a private one."""
+    from actors.kafka_io import check_broker
+    from cluster.broker import KafkaBroker
+    from pipeline.config import BrokerConfig, KafkaConfig
+    from pipeline.errors import BrokerError
+
+    given = os.environ.get("VAPIPE_TEST_BOOTSTRAP")
+    if given:
+        try:
+            check_broker(KafkaConfig(bootstrap_servers=given, connect_timeout_s=10))
+        except BrokerError as exc:
+            _missing(f"VAPIPE_TEST_BOOTSTRAP={given} does not answer: {exc}")
+        yield given
+        return
+    if IN_CI:
+        _missing("CI=true but VAPIPE_TEST_BOOTSTRAP is not set: .ci/run must start the broker")
+    cfg = BrokerConfig(port=free_port(), controller_port=free_port(), state_dir=str(tmp_path_factory.mktemp("kafka")), heap="512m")
+    broker = KafkaBroker(cfg)
+    try:
+        broker.start()
+    except BrokerError as exc:
+        _missing(f"could not start a test broker: {exc}")
+    yield broker.bootstrap
+    broker.stop()
+
+
+@pytest.fixture
+def make_settings(kafka_bootstrap: str, tmp_path: Path, model_path: str) -> Any:
+    """Settings with unique topics and groups for this test, output under tmp_path."""
+
+    def make(**overrides: Any) -> Settings:
+        tag = uuid.uuid4().hex[:8]
+        tree: dict[str, Any] = {
+            "kafka": {"bootstrap_servers": kafka_bootstrap},
+            "topics": {
+                key: {"name": f"t{tag}.{key}"}
+                for key in ("frames", "detected_frames", "detections", "counts", "counts_changelog")
+            },
+            "group_prefix": f"g{tag}",
+            "output_dir": str(tmp_path / f"out-{tag}"),
+            "model": {"name": model_path},
+            "producer": {"fps": 0},
+        }
+        tree["topics"]["counts_changelog"]["config"] = {"cleanup.policy": "compact"}
+        for dotted, value in overrides.items():
+            node = tree
+            *parents, leaf = dotted.split("__")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        return load_settings(None, overrides=tree, environ={})
+
+    return make
+
+
+@contextmanager
+def _ray_start(**kwargs: Any) -> Iterator[Any]:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(namespace="vapipe", include_dashboard=False, logging_level="WARNING", **kwargs)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[Any]:
+    """One local Ray for the session: logical CPUs so every replica of every stage fits."""
+    try:
+        with _ray_start(num_cpus=4) as ray:
+            yield ray
+    except Exception as exc:  # Ray failing to start is a failure, not a skip
+        _missing(f"Ray did not start: {exc}")

@@ -1,0 +1,152 @@
+"""End to end on real video, real Kafka, real Ray and the real model (the shared int8 YOLOv8n)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from kafka import TopicPartition
+
+from actors.kafka_io import make_consumer
+from actors.launcher import RunPlan, run_pipeline
+from pipeline.codecs import decode_detections, decode_frame, decode_jpeg
+from pipeline.config import ModelConfig, Settings
+from pipeline.crop import load_index
+from pipeline.detector import UltralyticsDetector
+from pipeline.messages import EndOfStream
+from pipeline.sources import parse_source
+
+pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = 60) -> list[Any]:
+    """Every record of a topic, read with a group-less consumer."""
+    consumer = make_consumer(settings.kafka, group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=500).values():
+                out.extend(batch)
+        return out
+    finally:
+        consumer.close()
+
+
+def detections_on_c(settings: Settings, stream_id: str) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    for record in read_topic(settings, settings.topics.detections.name):
+        item = decode_detections(record.value)
+        if not isinstance(item, EndOfStream) and item.meta.stream_id == stream_id:
+            assert item.meta.frame_index not in out, f"frame {item.meta.frame_index} appears twice on C"
+            out[item.meta.frame_index] = item.detections
+    return out
+
+
+def reference_detections(settings: Settings, stream_id: str) -> dict[int, Any]:
+    """The same model in one process over the JPEG bytes read back from topic A."""
+    detector = UltralyticsDetector(ModelConfig(name=settings.model.name))
+    out: dict[int, Any] = {}
+    for record in read_topic(settings, settings.topics.frames.name):
+        decoded = decode_frame(record.value, record.headers)
+        if isinstance(decoded, EndOfStream):
+            continue
+        meta, jpeg = decoded
+        if meta.stream_id == stream_id:
+            out[meta.frame_index] = detector.detect([decode_jpeg(jpeg)])[0]
+    return out
+
+
+def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count: int = 1) -> dict[str, Any]:
+    plan = RunPlan(sources=[parse_source(s) for s in sources], replicas={"inter": inter, "crop": crop, "count": count},
+                   include_dashboard=False, stall_timeout_s=240)
+    return run_pipeline(settings, plan)
+
+
+@pytest.mark.parametrize("inter", [1, 3])
+def test_highway_end_to_end_every_frame_counted_once(ray_local, make_settings, highway: str, inter: int) -> None:
+    frames = 150
+    s = make_settings(producer__max_frames=frames)
+    summary = run(s, [f"hw={highway}"], inter=inter, crop=2 if inter == 3 else 1, count=2 if inter == 3 else 1)
+
+    assert summary["frames_produced"] == frames
+    assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary["frames_processed"]["inter"] == frames
+    assert summary["frames_processed"]["count"] == frames  # applied once each
+    assert set(summary["actors"]) >= {f"inter-{i}" for i in range(inter)}
+
+    # Crops: only confidences > 0.7, each in its label's folder.
+    crops_root = Path(s.output_dir) / "crops"
+    index = load_index(crops_root)
+    assert index and all(e["confidence"] > 0.7 for e in index.values())
+    for e in index.values():
+        path = crops_root / e["path"]
+        assert path.is_file() and path.parent.name == e["label"]
+    on_disk = {p.stem for p in crops_root.glob("*/*.jpg")}
+    assert on_disk == set(index)
+
+    # Detections on C equal, frame by frame, the same model run in one process on A's JPEG bytes.
+    got = detections_on_c(s, "hw")
+    want = reference_detections(s, "hw")
+    assert sorted(got) == sorted(want) == list(range(frames))
+    for i in range(frames):
+        assert got[i].labels == want[i].labels, f"frame {i}"
+        np.testing.assert_allclose(got[i].confidence, want[i].confidence, atol=1e-5, err_msg=f"frame {i}")
+        np.testing.assert_allclose(got[i].xyxy, want[i].xyxy, atol=1e-3, err_msg=f"frame {i}")
+
+    # Crop stage kept exactly the boxes above 0.7 from C.
+    expected_crops = sum(int((d.confidence > 0.7).sum()) for d in got.values())
+    assert len(index) == expected_crops
+
+    # The vehicle table equals a direct count of C's vehicles above 0.5.
+    vehicles = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
+    direct: dict[str, int] = {}
+    for d in got.values():
+        for label, conf in zip(d.labels, d.confidence):
+            if label in vehicles and conf > 0.5:
+                direct[label] = direct.get(label, 0) + 1
+    assert summary["vehicles"]["hw"] == direct
+
+
+def test_two_streams_keep_their_counts_apart(ray_local, make_settings, highway: str, race: str) -> None:
+    s = make_settings(producer__max_frames=20)
+    summary = run(s, [f"hw={highway}", f"race={race}"], inter=2)
+    assert summary["per_stream"]["hw"]["counted"] == 20
+    assert summary["per_stream"]["race"]["counted"] == 20
+    for stream in ("hw", "race"):
+        direct: dict[str, int] = {}
+        for d in detections_on_c(s, stream).values():
+            for label, conf in zip(d.labels, d.confidence):
+                if label in s.counting.labels and conf > 0.5:
+                    direct[label] = direct.get(label, 0) + 1
+        assert summary["vehicles"][stream] == direct
+    assert summary["vehicles"]["hw"] != summary["vehicles"]["race"]
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt"])
+def test_bad_video_fails_before_anything_is_published(make_settings, tmp_path: Path, kind: str) -> None:
+    s = make_settings()
+    path = tmp_path / "clip.mp4"
+    if kind == "corrupt":
+        path.write_bytes(os.urandom(4096))
+    env = dict(os.environ, VAPIPE_KAFKA__BOOTSTRAP_SERVERS=s.kafka.bootstrap_servers,
+               VAPIPE_TOPICS__FRAMES__NAME=s.topics.frames.name, VAPIPE_MODEL__NAME=s.model.name)
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", "--source", str(path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and str(path) in last
+    assert "Traceback" not in proc.stderr
+    from cluster.topics import list_topics
+
+    assert s.topics.frames.name not in list_topics(s.kafka)  # nothing created, nothing published
