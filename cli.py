@@ -68,7 +68,7 @@ def _root(
     _state.sets = list(set_ or [])
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not verbose:
-        logging.getLogger("kafka").setLevel(logging.ERROR)
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # our own errors say it in one line
 
 
 def _echo_json(obj: Any) -> None:

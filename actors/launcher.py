@@ -267,6 +267,10 @@ def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, An
     table = read_table(settings)
     crops = [e for e in load_index(Path(settings.output_dir) / "crops").values() if e["stream_id"] in stream_ids]
     frames = sum(p["frames_published"] for p in produced.values())
+    # Processing time: first frame published to last count applied, from the actors' own clocks.
+    firsts = [p["first_ts"] for p in produced.values() if p.get("first_ts")]
+    lasts = [s["last_applied_ts"] for s in progress.stage("count") if s.get("last_applied_ts")]
+    processing_s = max(lasts) - min(firsts) if firsts and lasts else wall
     vehicles: dict[str, dict[str, int]] = {sid: table.get(sid, {}).get("totals", {}) for sid in stream_ids}
     latencies: dict[str, Any] = {s["name"]: s.get("latency_ms") for s in progress.stage("count")}
     return {
@@ -292,7 +296,8 @@ def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, An
         "vehicles": vehicles,
         "vehicle_totals": dict(sorted(sum((Counter(v) for v in vehicles.values()), Counter()).items())),
         "wall_s": round(wall, 2),
-        "frames_per_s": round(frames / wall, 2) if wall > 0 else 0.0,
+        "processing_s": round(processing_s, 3),
+        "frames_per_s": round(frames / processing_s, 2) if processing_s > 0 else 0.0,
         "count_latency_ms": latencies,
         "actors": {
             name: {k: s.get(k) for k in ("stage", "frames_out", "fps", "node", "gpus", "peak_rss_mb") if k in s}

@@ -103,14 +103,16 @@ class FrameProducer:
                 pacer.wait()
                 ts = time.time()
                 h, w = frame.image.shape[:2]
-                meta = FrameMeta(self.spec.stream_id, frame.index, ts, w, h)
+                # Published frames are numbered without gaps (a skipped unreadable frame takes no
+                # index), so the count table's applied-set watermark always advances.
+                meta = FrameMeta(self.spec.stream_id, self.published, ts, w, h)
                 jpeg = encode_jpeg(frame.image, cfg.producer.jpeg_quality)
                 if len(jpeg) > cfg.kafka.max_message_bytes:
                     raise SourceError(
                         f"frame {meta.key} is {len(jpeg)} bytes as JPEG, above kafka.max_message_bytes="
                         f"{cfg.kafka.max_message_bytes}: lower producer.jpeg_quality or raise the limit"
                     )
-                partition = partitions[frame.index % len(partitions)]
+                partition = partitions[meta.frame_index % len(partitions)]
                 futures.append(send_record(producer, topic, encode_frame(meta, jpeg), partition=partition))
                 size += len(jpeg)
                 first_ts = ts if first_ts is None else first_ts

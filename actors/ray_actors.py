@@ -40,6 +40,9 @@ class StageActor:
     """Runs one consumer-stage worker inside a Ray actor (threaded, so stats answer while it runs)."""
 
     def __init__(self, stage: str, settings: Settings, name: str) -> None:
+        threads = getattr(settings, stage).threads or os.cpu_count() or 1
+        # Before torch or onnxruntime load: Ray set OMP_NUM_THREADS=1 for this fractional-CPU actor.
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         self.worker = WORKERS[stage](settings, name)
 
     def run(self, **limits: Any) -> dict[str, Any]:

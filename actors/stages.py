@@ -187,6 +187,7 @@ class CountWorker(StageWorker):
         self.counter = VehicleCounter(labels=c.labels, min_confidence=c.min_confidence, window_frames=c.window_frames)
         self.counters.update(duplicates=0, restores=0)
         self.latencies_ms: list[float] = []
+        self.last_applied_ts: float | None = None
 
     def subscribe(self) -> None:
         assert self.consumer is not None
@@ -228,6 +229,7 @@ class CountWorker(StageWorker):
             touched.add(update.stream_id)
             self.counters["frames_out"] += 1
             self.latencies_ms.append((now - update.capture_ts) * 1000)
+            self.last_applied_ts = now
             rec = Record(key=update.stream_id.encode(), value=encode_json(update.to_dict()))
             futures.append(send_record(self.producer, topics.counts.name, rec))
         for stream_id in sorted(touched):
@@ -236,7 +238,11 @@ class CountWorker(StageWorker):
         return futures
 
     def extra_stats(self) -> dict[str, Any]:
-        return {"table": self.counter.table(), "latency_ms": _percentiles(self.latencies_ms)}
+        return {
+            "table": self.counter.table(),
+            "latency_ms": _percentiles(self.latencies_ms),
+            "last_applied_ts": self.last_applied_ts,
+        }
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:

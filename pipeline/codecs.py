@@ -96,7 +96,7 @@ def _headers_dict(headers: Sequence[Header] | None) -> dict[str, str]:
 def _check_version(version: Any) -> None:
     try:
         v = int(version)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DecodeError(f"missing or invalid schema_version {version!r}") from None
     if v != SCHEMA_VERSION:
         raise DecodeError(f"unknown schema_version {v} (this vapipe reads {SCHEMA_VERSION})")
@@ -126,7 +126,7 @@ def _meta_from_fields(fields: dict[str, Any]) -> FrameMeta:
         )
     except KeyError as exc:
         raise DecodeError(f"missing metadata field {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"invalid metadata: {exc}") from None
     if not math.isfinite(meta.capture_ts):
         raise DecodeError(f"invalid capture_ts {meta.capture_ts!r}")
@@ -143,7 +143,7 @@ def _eos_from_fields(fields: dict[str, Any]) -> EndOfStream:
         )
     except KeyError as exc:
         raise DecodeError(f"end-of-stream record lacks {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"invalid end-of-stream record: {exc}") from None
 
 
@@ -194,9 +194,12 @@ def _detections_from_json(raw: Any) -> Detections:
     if not isinstance(raw, list):
         raise DecodeError("detections must be a JSON list")
     try:
-        return Detections.from_records(raw)
-    except (KeyError, TypeError, ValueError) as exc:
+        detections = Detections.from_records(raw)
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"invalid detections: {exc!r}") from None
+    if not (np.isfinite(detections.xyxy).all() and np.isfinite(detections.confidence).all()):
+        raise DecodeError("detections hold a NaN or infinite box or confidence")
+    return detections
 
 
 def decode_detected_frame(
@@ -272,9 +275,13 @@ def decode_detections(value: bytes | None) -> FrameDetections | EndOfStream:
     if kind != "detections":
         raise DecodeError(f"unknown record type {kind!r}")
     meta = _meta_from_fields(body)
+    try:
+        inference_ms = float(body.get("inference_ms", 0.0) or 0.0)
+    except (TypeError, ValueError, OverflowError):
+        raise DecodeError(f"invalid inference_ms {body.get('inference_ms')!r}") from None
     return FrameDetections(
         meta=meta,
         detections=_detections_from_json(body.get("detections")),
         model=str(body.get("model", "")),
-        inference_ms=float(body.get("inference_ms", 0.0) or 0.0),
+        inference_ms=inference_ms,
     )

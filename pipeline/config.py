@@ -49,7 +49,7 @@ ProcessingGuarantee = Literal["at_least_once"]
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
 
 class KafkaConfig(_Frozen):
@@ -142,6 +142,9 @@ class StageConfig(_Frozen):
     batch_size: int = Field(8, gt=0)
     """Records handled per poll (inference batch for the InterConsumer)."""
     poll_timeout_ms: int = Field(200, gt=0)
+    threads: int | None = Field(None, gt=0)
+    """Math threads (OpenMP, torch) in each actor; None = every core of its node. Ray would
+    otherwise force 1 thread on actors with fractional num_cpus, halving YOLO's speed."""
 
 
 class ModelConfig(_Frozen):
@@ -267,7 +270,8 @@ def _one_line(err: ValidationError, origin: str) -> str:
     field = ".".join(str(p) for p in first["loc"]) or "(root)"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     got = first.get("input")
-    got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+    secret = any("password" in str(p) for p in first["loc"])
+    got_text = "" if isinstance(got, dict) or secret else f" (got {got!r})"
     return f"invalid config in {origin}: {field}: {first['msg']}{got_text}{more}"
 
 
@@ -308,6 +312,9 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigError(f"invalid config in {path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
+    # Validate the whole tree, so a partial section keeps the other built-in defaults
+    # (Settings' own, which differ per stage) instead of the sub-model's.
+    data = _merge(Settings().model_dump(), data)
     env = env_overrides(environ)
     if env:
         data = _merge(data, env)

@@ -7,7 +7,9 @@ entry per crop key. Labels are sanitised: no label can leave the output folder.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -74,8 +76,15 @@ def crop_detections(image: np.ndarray, detections: Detections, min_confidence: f
 
 
 def crop_key(meta: FrameMeta, box_index: int) -> str:
-    """Deterministic crop name: stream, frame and box."""
-    return f"{safe_label(meta.stream_id)}_f{meta.frame_index:08d}_b{box_index:03d}"
+    """Deterministic crop name: stream, frame and box.
+
+    A stream id that is not already a safe name gets a short hash of itself, so two
+    ids that sanitise alike ('cam.1', 'cam_1') never share crop files.
+    """
+    stream = safe_label(meta.stream_id)
+    if stream != meta.stream_id:
+        stream += "-" + hashlib.sha1(meta.stream_id.encode()).hexdigest()[:8]
+    return f"{stream}_f{meta.frame_index:08d}_b{box_index:03d}"
 
 
 def _describe_os_error(exc: OSError, path: Path) -> str:
@@ -120,7 +129,8 @@ class CropSink:
                 tmp.write_bytes(encode_jpeg(crop.image, self.jpeg_quality))
                 os.replace(tmp, path)
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
                 raise SinkError(_describe_os_error(exc, path)) from exc
             entries.append(
                 {

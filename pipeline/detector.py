@@ -83,7 +83,10 @@ class UltralyticsDetector:
         try:
             from ultralytics import YOLO
 
-            self._model = YOLO(self.config.name, task="detect")
+            model = YOLO(self.config.name, task="detect")
+            # Some formats (ONNX) only open their runtime on the first predict: fail here, not mid-stream.
+            model.predict(np.zeros((64, 64, 3), dtype=np.uint8), imgsz=self.config.imgsz, device=self.device, verbose=False)
+            self._model = model
         except Exception as exc:  # ultralytics raises many types for a bad file
             raise ModelError(f"cannot load model {self.config.name!r}: {exc}") from exc
         logger.info("loaded %s on %s", self.config.name, self.device)

@@ -79,9 +79,9 @@ def parse_source(text: str, stream_id: str | None = None) -> SourceSpec:
     text = text.strip()
     if not text:
         raise SourceError("empty --source")
-    if "=" in text.split("://")[0] and stream_id is None:
-        name, _, text = text.partition("=")
-        stream_id = name
+    name, sep, rest = text.partition("=")
+    if sep and stream_id is None and "://" not in name and "/" not in name and "\\" not in name and not Path(text).exists():
+        text, stream_id = rest, name
     explicit = stream_id is not None
     spec = _parse_uri(text, stream_id)
     return replace(spec, explicit_id=explicit)
