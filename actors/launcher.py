@@ -34,6 +34,8 @@ __all__ = ["RunPlan", "run_pipeline", "validate_sources", "new_run_id"]
 logger = logging.getLogger(__name__)
 
 STAGES = ("inter", "crop", "count")
+POLL_INTERVAL_S = 1.0
+"""How often the driver asks the actors for their stats while a run drains."""
 
 
 def new_run_id() -> str:
@@ -179,7 +181,8 @@ def _drain(
     interrupted = False
     while True:
         try:
-            ready, _ = ray.wait(list(producer_refs.values()), num_returns=len(producer_refs), timeout=1.0)
+            time.sleep(POLL_INTERVAL_S)  # ray.wait on no refs returns at once: never spin on the actors
+            ready, _ = ray.wait(list(producer_refs.values()), num_returns=len(producer_refs), timeout=0)
             for name, ref in list(producer_refs.items()):
                 if ref in ready:
                     produced[name] = _get(ref, name)
