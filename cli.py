@@ -185,8 +185,8 @@ def produce(
 
     s = settings(**{"producer.fps": fps, "producer.max_frames": max_frames})
     specs = [parse_source(x) for x in source]
-    validate_sources(specs)
     check_broker(s.kafka)
+    validate_sources(specs)
     results: dict[str, Any] = {}
     errors: list[BaseException] = []
 

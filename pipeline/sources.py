@@ -60,9 +60,12 @@ def _sanitize_stream_id(text: str) -> str:
 
 def demo_image_path() -> Path:
     """The bus photo that ships inside the ultralytics package (used by ``vapipe demo``)."""
-    import ultralytics
+    import importlib.util
 
-    path = Path(ultralytics.__file__).parent / "assets" / "bus.jpg"
+    spec = importlib.util.find_spec("ultralytics")  # locate without importing torch
+    if spec is None or spec.origin is None:
+        raise SourceError("the demo image ships with ultralytics, which is not installed")
+    path = Path(spec.origin).parent / "assets" / "bus.jpg"
     if not path.exists():
         raise SourceError(f"ultralytics ships no demo image at {path}")
     return path
