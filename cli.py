@@ -346,12 +346,83 @@ def bench_overhead(
     source: Annotated[str, typer.Option("--source", "-s")] = "",
     frames: Annotated[int, typer.Option(help="Frames of the video to use.")] = 150,
     model: Annotated[Optional[str], typer.Option()] = None,
+    out: OutOpt = Path("output/bench/overhead"),
 ) -> None:
     """Pipeline (1 InterConsumer) frames/s against a bare ultralytics loop over the same frames."""
     from actors.bench import overhead
 
+    from actors.report import write_report
+
     s = settings(**{"model.name": model})
-    _echo_json(overhead(s, source or _default_video(), frames, on_progress=_progress_printer()))
+    result = overhead(s, source or _default_video(), frames, on_progress=_progress_printer())
+    write_report(result, out)
+    _echo_json(result)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for JSON, CSV, plots and the markdown report.")]
+
+
+@bench_app.command("strong")
+def bench_strong(
+    replicas: Annotated[str, typer.Option(help="Replica counts, comma-separated.")] = "1,2,3",
+    frames: Annotated[int, typer.Option(help="Frames of the fixed input.")] = 600,
+    repeat: Annotated[int, typer.Option(help="Runs per replica count.")] = 5,
+    model: Annotated[str, typer.Option(help="Model; the calibration detector measures the pipeline's own cost.")] = "sleep:40ms",
+    source: Annotated[str, typer.Option("--source", "-s")] = "",
+    out: OutOpt = Path("output/bench/strong"),
+) -> None:
+    """Strong scaling: fixed input, r replicas of every stage; speedup and efficiency."""
+    _scaling("strong", replicas, frames, repeat, model, source, out)
+
+
+@bench_app.command("weak")
+def bench_weak(
+    replicas: Annotated[str, typer.Option(help="Replica counts, comma-separated.")] = "1,2,3",
+    frames_per_producer: Annotated[int, typer.Option(help="Frames each of the r producers publishes.")] = 300,
+    repeat: Annotated[int, typer.Option(help="Runs per replica count.")] = 5,
+    model: Annotated[str, typer.Option(help="Model; the calibration detector measures the pipeline's own cost.")] = "sleep:40ms",
+    source: Annotated[str, typer.Option("--source", "-s")] = "",
+    out: OutOpt = Path("output/bench/weak"),
+) -> None:
+    """Weak scaling: r producers and r replicas of every stage; time should stay flat."""
+    _scaling("weak", replicas, frames_per_producer, repeat, model, source, out)
+
+
+def _scaling(mode: str, replicas: str, frames: int, repeat: int, model: str, source: str, out: Path) -> None:
+    from actors.bench import scaling
+    from actors.report import write_report
+
+    s = settings(**{"model.name": model})
+    result = scaling(s, mode, _ints(replicas), frames, repeat, source or _default_video(), on_progress=_progress_printer())  # type: ignore[arg-type]
+    folder = write_report(result, out)
+    _echo_json(result["table"])
+    typer.echo(f"report: {folder / 'README.md'}", err=True)
+
+
+@bench_app.command("sweep")
+def bench_sweep(
+    batch: Annotated[str, typer.Option(help="Inference/poll batch sizes.")] = "1,4,8,16",
+    fps: Annotated[str, typer.Option(help="Input frame rates; 'max' = as fast as possible.")] = "5,10,20,max",
+    jpeg_quality: Annotated[str, typer.Option(help="JPEG qualities.")] = "70,90",
+    frames: Annotated[int, typer.Option(help="Frames per run.")] = 60,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    source: Annotated[str, typer.Option("--source", "-s")] = "",
+    out: OutOpt = Path("output/bench/sweep"),
+) -> None:
+    """The study's future work: batch size, input frame rate and JPEG quality vs throughput and agreement."""
+    from actors.bench import sweep
+    from actors.report import write_report
+
+    s = settings(**{"model.name": model})
+    fps_values = [0.0 if x.strip() == "max" else float(x) for x in fps.split(",") if x.strip()]
+    result = sweep(s, _ints(batch), fps_values, _ints(jpeg_quality), frames, source or _default_video(), on_progress=_progress_printer())
+    folder = write_report(result, out)
+    _echo_json([{k: r[k] for k in ("factor", "batch", "input_fps", "jpeg_quality", "fps", "latency_p50_ms", "agreement")} for r in result["rows"]])
+    typer.echo(f"report: {folder / 'README.md'}", err=True)
 
 
 def _default_video() -> str:

@@ -1,28 +1,59 @@
 """Benchmarks that print ratios measured side by side in one run (never timed assertions in tests).
 
-``overhead``: the pipeline with one InterConsumer against a bare ultralytics
-predict loop over the same decoded frames with the same model, on the same
-machine, bare-pipeline-bare so drift on a noisy machine shows up.
+- ``overhead``: the pipeline with one InterConsumer against a bare ultralytics
+  predict loop over the same decoded frames with the same model, bare-pipeline-bare.
+- ``scaling``: the study's strong (fixed input, r replicas of every stage) and weak
+  (r producers and r replicas) scaling, repeated, with speedup and efficiency.
+- ``sweep``: the study's future work: inference/poll batch size, input frame rate
+  and JPEG quality against throughput, latency and detection agreement.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import statistics
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
-from actors.kafka_io import check_broker
+import numpy as np
+
+from actors.kafka_io import check_broker, read_all
 from actors.launcher import RunPlan, run_pipeline
+from cluster.raycluster import connect
+from cluster.topics import delete_topics
+from pipeline.codecs import decode_detections
 from pipeline.config import Settings
 from pipeline.detector import UltralyticsDetector
+from pipeline.messages import Detections, EndOfStream
 from pipeline.sources import VideoSource, parse_source
 
-__all__ = ["overhead", "bare_loop_fps"]
+__all__ = ["overhead", "bare_loop_fps", "scaling", "sweep", "agreement", "environment"]
 
 logger = logging.getLogger(__name__)
+
+TOPIC_KEYS = ("frames", "detected_frames", "detections", "counts", "counts_changelog")
+
+
+def environment(settings: Settings) -> dict[str, Any]:
+    """Machine, model and software versions, for every report."""
+    import kafka
+    import ray
+
+    versions = {"python": platform.python_version(), "ray": ray.__version__, "kafka-python": kafka.__version__}
+    for name in ("ultralytics", "torch", "onnxruntime", "cv2"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return {
+        "machine": f"{platform.machine()} cpus={os.cpu_count()} {platform.platform()}",
+        "model": settings.model.name,
+        "versions": versions,
+    }
 
 
 def bare_loop_fps(settings: Settings, frames: list[Any], batch: int = 1) -> float:
@@ -36,54 +67,219 @@ def bare_loop_fps(settings: Settings, frames: list[Any], batch: int = 1) -> floa
     return len(frames) / (time.perf_counter() - t0)
 
 
-def _isolated(settings: Settings) -> Settings:
-    """Fresh topics and groups so the run measures only its own frames."""
+def isolated(settings: Settings, **stage_overrides: Any) -> Settings:
+    """Fresh topics and groups so a run measures only its own frames."""
     tag = uuid.uuid4().hex[:8]
     t = settings.topics
-    renamed = t.model_copy(update={
-        name: getattr(t, name).model_copy(update={"name": f"bench-{tag}.{getattr(t, name).name}"})
-        for name in ("frames", "detected_frames", "detections", "counts", "counts_changelog")
-    })
-    return settings.model_copy(update={"topics": renamed, "group_prefix": f"bench-{tag}"})
+    renamed = t.model_copy(update={k: getattr(t, k).model_copy(update={"name": f"bench-{tag}.{k}"}) for k in TOPIC_KEYS})
+    update: dict[str, Any] = {"topics": renamed, "group_prefix": f"bench-{tag}"}
+    for section, fields in stage_overrides.items():
+        update[section] = getattr(settings, section).model_copy(update=fields)
+    return settings.model_copy(update=update)
+
+
+def _run(settings: Settings, sources: list[str], replicas: int, on_progress: Callable[[Any], None] | None,
+         keep_topics: bool = False) -> tuple[dict[str, Any], Settings]:
+    plan = RunPlan(
+        sources=[parse_source(src, stream_id=f"s{i}") for i, src in enumerate(sources)],
+        replicas={"inter": replicas, "crop": replicas, "count": replicas},
+        include_dashboard=False,
+        allow_calibration=True,
+    )
+    try:
+        return run_pipeline(settings, plan, on_progress=on_progress), settings
+    finally:
+        if not keep_topics:
+            delete_topics(settings.kafka, [getattr(settings.topics, k).name for k in TOPIC_KEYS])
 
 
 def overhead(settings: Settings, video: str, frames: int, on_progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Pipeline frames/s over bare-loop frames/s on the same frames; target >= 0.85.
 
-    The headline ratio compares with a bare loop that calls predict on the same batch
-    size as the InterConsumer (the stronger baseline: ultralytics has a per-call cost);
-    the ratio against a frame-by-frame loop is reported too.
+    The headline ratio compares with a bare loop that calls predict frame by frame;
+    the ratio against a loop that calls it with the InterConsumer's batch size (ultralytics
+    has a per-call cost) is reported too.
     """
     check_broker(settings.kafka)  # fail in seconds, not after the bare loop
-    spec = parse_source(video, stream_id="bench")
-    source = VideoSource(spec, max_frames=frames).open()
+    source = VideoSource(parse_source(video), max_frames=frames).open()
     images = [f.image for f in source]
     source.close()
     batch = settings.inter.batch_size
-    per_frame = bare_loop_fps(settings, images, 1)
-    bare_before = bare_loop_fps(settings, images, batch)
-    run_settings = _isolated(settings.model_copy(update={
-        "producer": settings.producer.model_copy(update={"fps": 0.0, "max_frames": frames}),
-    }))
-    plan = RunPlan(sources=[spec], replicas={"inter": 1, "crop": 1, "count": 1}, include_dashboard=False)
-    summary = run_pipeline(run_settings, plan, on_progress=on_progress)
-    bare_after = bare_loop_fps(settings, images, batch)
-    bare = (bare_before + bare_after) / 2
+    before = bare_loop_fps(settings, images, 1)
+    batched = bare_loop_fps(settings, images, batch)
+    run_settings = isolated(settings, producer={"fps": 0.0, "max_frames": frames})
+    summary, _ = _run(run_settings, [video], 1, on_progress)
+    after = bare_loop_fps(settings, images, 1)
+    bare = (before + after) / 2
     pipe = summary["frames_per_s"]
     return {
         "benchmark": "overhead",
-        "model": settings.model.name,
         "video": video,
         "frames": len(images),
         "batch_size": batch,
         "bare_loop_fps": round(bare, 2),
-        "bare_loop_fps_before_after": [round(bare_before, 2), round(bare_after, 2)],
-        "bare_loop_per_frame_fps": round(per_frame, 2),
+        "bare_loop_fps_before_after": [round(before, 2), round(after, 2)],
+        "bare_loop_batched_fps": round(batched, 2),
         "pipeline_fps": pipe,
         "ratio": round(pipe / bare, 3) if bare else None,
-        "ratio_vs_per_frame_loop": round(pipe / per_frame, 3) if per_frame else None,
+        "ratio_vs_batched_loop": round(pipe / batched, 3) if batched else None,
         "target": 0.85,
         "peak_rss_mb": {name: a.get("peak_rss_mb") for name, a in summary["actors"].items()},
         "count_latency_ms": summary["count_latency_ms"],
-        "machine": f"{platform.machine()} {platform.processor() or ''} cpus={__import__('os').cpu_count()}".strip(),
+        **environment(settings),
     }
+
+
+def _row(experiment: str, replicas: int, repeat: int, summary: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    lat = summary["count_latency_ms"]
+    return {
+        "experiment": experiment,
+        "replicas": replicas,
+        "repeat": repeat,
+        "frames": summary["frames_produced"],
+        "wall_s": summary["processing_s"],
+        "fps": summary["frames_per_s"],
+        **{f"peak_fps_{k}": v for k, v in summary["stage_peak_fps"].items()},
+        "latency_p50_ms": lat.get("p50"),
+        "latency_p95_ms": lat.get("p95"),
+        "latency_p99_ms": lat.get("p99"),
+        "peak_rss_mb_max": max((a.get("peak_rss_mb") or 0) for a in summary["actors"].values()),
+        "peak_rss_mb_inter": max((a.get("peak_rss_mb") or 0) for n, a in summary["actors"].items() if n.startswith("inter")),
+        **extra,
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def scaling(
+    settings: Settings,
+    mode: Literal["strong", "weak"],
+    replicas: list[int],
+    frames: int,
+    repeat: int,
+    video: str,
+    on_progress: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Strong: fixed input (one stream of ``frames``), r replicas of every stage.
+    Weak: r streams of ``frames`` each (r producers) and r replicas of every stage.
+
+    Repeats are interleaved (1,2,3,1,2,3,...) so drift on a noisy machine spreads evenly.
+    """
+    check_broker(settings.kafka)
+    started = connect(settings.ray, include_dashboard=False)
+    rows: list[dict[str, Any]] = []
+    timelines: dict[int, list[dict[str, Any]]] = {}
+    try:
+        for rep in range(repeat):
+            for r in replicas:
+                s = isolated(settings, producer={"fps": 0.0, "max_frames": frames})
+                sources = [video] * (1 if mode == "strong" else r)
+                summary, _ = _run(s, sources, r, on_progress)
+                rows.append(_row(mode, r, rep, summary))
+                timelines[r] = summary["timeline"]
+                logger.warning("%s r=%d repeat %d: %.2fs, %.1f f/s", mode, r, rep, summary["processing_s"], summary["frames_per_s"])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    base_t, _ = _mean_std([row["wall_s"] for row in rows if row["replicas"] == replicas[0]])
+    table = []
+    for r in replicas:
+        times = [row["wall_s"] for row in rows if row["replicas"] == r]
+        mean_t, std_t = _mean_std(times)
+        fps_mean, fps_std = _mean_std([row["fps"] for row in rows if row["replicas"] == r])
+        entry: dict[str, Any] = {"replicas": r, "wall_s_mean": round(mean_t, 3), "wall_s_std": round(std_t, 3),
+                                 "fps_mean": round(fps_mean, 2), "fps_std": round(fps_std, 2),
+                                 "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] for x in rows if x["replicas"] == r), 1),
+                                 "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] for x in rows if x["replicas"] == r), 1)}
+        if mode == "strong":
+            entry["speedup"] = round(base_t / mean_t * replicas[0], 3)
+            entry["efficiency"] = round(entry["speedup"] / r, 3)
+        else:
+            entry["time_ratio_to_base"] = round(mean_t / base_t, 3)
+        table.append(entry)
+    return {"benchmark": mode, "frames": frames, "repeat": repeat, "video": video, "table": table, "rows": rows,
+            "timelines": {str(k): v for k, v in timelines.items()}, **environment(settings)}
+
+
+def _boxes_match(a: Detections, b: Detections, iou: float = 0.5) -> tuple[int, int]:
+    """Greedy same-label IoU matching; returns (matched, total boxes in both)."""
+    matched, used = 0, set()
+    for i in range(len(a)):
+        for j in range(len(b)):
+            if j in used or a.labels[i] != b.labels[j]:
+                continue
+            x1, y1 = np.maximum(a.xyxy[i, :2], b.xyxy[j, :2])
+            x2, y2 = np.minimum(a.xyxy[i, 2:], b.xyxy[j, 2:])
+            inter = max(x2 - x1, 0) * max(y2 - y1, 0)
+            union = np.prod(a.xyxy[i, 2:] - a.xyxy[i, :2]) + np.prod(b.xyxy[j, 2:] - b.xyxy[j, :2]) - inter
+            if union > 0 and inter / union >= iou:
+                matched += 1
+                used.add(j)
+                break
+    return matched, len(a) + len(b)
+
+
+def agreement(run: dict[int, Detections], reference: dict[int, Detections]) -> float:
+    """F1-style agreement of two runs' detections over the frames they share (1.0 = identical boxes)."""
+    matched = total = 0
+    for index in set(run) & set(reference):
+        m, t = _boxes_match(run[index], reference[index])
+        matched, total = matched + m, total + t
+    return round(2 * matched / total, 4) if total else 1.0
+
+
+def _detections_by_frame(settings: Settings) -> dict[int, Detections]:
+    out: dict[int, Detections] = {}
+    for record in read_all(settings.kafka, settings.topics.detections.name):
+        item = decode_detections(record.value)
+        if not isinstance(item, EndOfStream):
+            out[item.meta.frame_index] = item.detections
+    return out
+
+
+def sweep(
+    settings: Settings,
+    batches: list[int],
+    fps_values: list[float],
+    qualities: list[int],
+    frames: int,
+    video: str,
+    on_progress: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """One factor at a time around a base point (largest quality, batch 8 or the first, fps max).
+
+    Agreement compares each run's detections with the base run's, frame by frame.
+    """
+    check_broker(settings.kafka)
+    started = connect(settings.ray, include_dashboard=False)
+    base = {"batch": 8 if 8 in batches else batches[0], "fps": 0.0, "jpeg_quality": max(qualities)}
+    points = [base] + [dict(base, batch=b) for b in batches if b != base["batch"]]
+    points += [dict(base, fps=f) for f in fps_values if f != base["fps"]]
+    points += [dict(base, jpeg_quality=q) for q in qualities if q != base["jpeg_quality"]]
+    rows: list[dict[str, Any]] = []
+    reference: dict[int, Detections] | None = None
+    try:
+        for point in points:
+            s = isolated(settings, producer={"fps": point["fps"], "max_frames": frames, "jpeg_quality": point["jpeg_quality"]},
+                         inter={"batch_size": point["batch"]})
+            summary, used = _run(s, [video], 1, on_progress, keep_topics=True)
+            detections = _detections_by_frame(used)
+            delete_topics(used.kafka, [getattr(used.topics, k).name for k in TOPIC_KEYS])
+            if reference is None:
+                reference = detections
+            factor = "base" if point == base else next(k for k in base if point[k] != base[k])
+            factor = {"fps": "input_fps"}.get(factor, factor)
+            rows.append(_row("sweep", 1, 0, summary, factor=factor, batch=point["batch"],
+                             input_fps=point["fps"] or "max", jpeg_quality=point["jpeg_quality"],
+                             agreement=agreement(detections, reference)))
+            logger.warning("sweep %s: %.1f f/s", point, summary["frames_per_s"])
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return {"benchmark": "sweep", "frames": frames, "video": video, "base": base, "rows": rows, **environment(settings)}

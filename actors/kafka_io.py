@@ -24,6 +24,7 @@ __all__ = [
     "make_admin",
     "check_broker",
     "send_record",
+    "read_all",
     "end_offsets",
     "group_lag",
 ]
@@ -84,6 +85,9 @@ def make_consumer(cfg: KafkaConfig, *topics: str, group_id: str | None, **overri
         "max_partition_fetch_bytes": cfg.max_message_bytes,
         "session_timeout_ms": 20000,
         "heartbeat_interval_ms": 2000,
+        # A topic created moments before subscribing may be missing from the first metadata;
+        # refresh often so the group rebalances onto it within seconds, not minutes.
+        "metadata_max_age_ms": 5000,
     }
     kwargs.update(overrides)
     try:
@@ -115,6 +119,34 @@ def check_broker(cfg: KafkaConfig) -> dict[str, Any]:
         raise _unreachable(cfg, exc) from None
     finally:
         admin.close()
+
+
+def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]:
+    """Every record of a topic, from the beginning to the current end, with a group-less consumer.
+
+    Raises:
+        BrokerError: the topic could not be read to its end within ``timeout_s``.
+    """
+    import time
+
+    consumer = make_consumer(cfg, group_id=None)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"timed out reading {topic} to its end from {cfg.bootstrap_servers}")
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
 
 
 def send_record(producer: KafkaProducer, topic: str, record: Record, partition: int | None = None) -> Any:

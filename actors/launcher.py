@@ -20,7 +20,7 @@ from typing import Any
 
 from actors.kafka_io import check_broker, group_lag
 from actors.ray_actors import ProducerActor, StageActor, actor_options
-from actors.stages import read_table
+from actors.stages import percentiles, read_table
 from cluster.raycluster import connect
 from cluster.topics import create_topics
 from pipeline.config import Settings
@@ -79,10 +79,23 @@ class Progress:
 
     def __init__(self) -> None:
         self.stats: dict[str, dict[str, Any]] = {}
+        self.t0 = time.time()
+        self.timeline: list[dict[str, Any]] = []
+        """One sample per poll: seconds since start, and per stage frames out, f/s and consumer lag."""
 
     def update(self, stats: list[dict[str, Any]]) -> None:
         for s in stats:
             self.stats[s["name"]] = s
+
+    def sample(self) -> None:
+        row: dict[str, Any] = {"t": round(time.time() - self.t0, 2), "produced": self.total("producer", "frames_out")}
+        for stage in STAGES:
+            row[stage] = {
+                "frames": self.total(stage, "frames_out"),
+                "fps": round(sum(float(s.get("fps") or 0) for s in self.stage(stage)), 2),
+                "lag": sum(int(s.get("lag") or 0) for s in self.stage(stage)),
+            }
+        self.timeline.append(row)
 
     def stage(self, stage: str) -> list[dict[str, Any]]:
         return [s for s in self.stats.values() if s.get("stage") == stage]
@@ -134,7 +147,7 @@ def run_pipeline(
                 handle = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, gpus)).remote(stage, settings, name)
                 actors[name] = handle
                 stage_refs[name] = handle.run.remote()
-        _wait_ready(actors, stage_refs, timeout_s=plan.stall_timeout_s)
+        _wait_ready(settings, actors, stage_refs, timeout_s=plan.stall_timeout_s)
         t0 = time.time()
         producer_refs: dict[str, Any] = {}
         for spec in plan.sources:
@@ -202,6 +215,7 @@ def _drain(
                 actors[name].stop.remote()
             continue
         progress.update(stats)
+        progress.sample()
         if on_progress is not None:
             on_progress(progress)
         line = progress.line()
@@ -216,23 +230,33 @@ def _drain(
             return produced
 
 
-def _wait_ready(actors: dict[str, Any], stage_refs: dict[str, Any], timeout_s: float) -> None:
-    """Block until every stage actor has loaded its model and joined its group, so timings start at the first frame."""
+def _wait_ready(settings: Settings, actors: dict[str, Any], stage_refs: dict[str, Any], timeout_s: float) -> None:
+    """Block until every stage actor has loaded its model and its group owns every input partition.
+
+    Timings then start at the first frame, and no frame waits for a late rebalance.
+    """
     import ray
 
+    inputs = {"inter": settings.topics.frames, "crop": settings.topics.detected_frames, "count": settings.topics.detections}
     deadline = time.monotonic() + timeout_s
-    pending = set(stage_refs)
-    while pending:
+    waiting = "start-up"
+    while True:
         if time.monotonic() > deadline:
-            raise PipelineError(f"stage actors not ready after {timeout_s:.0f}s: {', '.join(sorted(pending))}")
+            raise PipelineError(f"stage actors not ready after {timeout_s:.0f}s: {waiting}")
         done, _ = ray.wait(list(stage_refs.values()), timeout=0)
         for name, ref in stage_refs.items():
             if ref in done:
                 _get(ref, name)
                 raise PipelineError(f"stage actor {name} stopped during start-up")
-        for st in _gather_stats({n: actors[n] for n in pending}):
-            if st.get("ready"):
-                pending.discard(st["name"])
+        stats = {s["name"]: s for s in _gather_stats({n: actors[n] for n in stage_refs})}
+        not_ready = sorted(n for n in stage_refs if not stats.get(n, {}).get("ready"))
+        unowned = [
+            stage for stage, spec in inputs.items()
+            if sum(int(s.get("assigned") or 0) for s in stats.values() if s.get("stage") == stage) < spec.partitions
+        ]
+        if not not_ready and not unowned:
+            return
+        waiting = f"not ready: {', '.join(not_ready) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"
         time.sleep(0.5)
 
 
@@ -275,7 +299,7 @@ def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, An
     lasts = [s["last_applied_ts"] for s in progress.stage("count") if s.get("last_applied_ts")]
     processing_s = max(lasts) - min(firsts) if firsts and lasts else wall
     vehicles: dict[str, dict[str, int]] = {sid: table.get(sid, {}).get("totals", {}) for sid in stream_ids}
-    latencies: dict[str, Any] = {s["name"]: s.get("latency_ms") for s in progress.stage("count")}
+    latencies = percentiles([v for s in progress.stage("count") for v in s.get("latencies_ms") or []])
     return {
         "run_id": plan.run_id,
         "model": settings.model.name,
@@ -302,6 +326,8 @@ def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, An
         "processing_s": round(processing_s, 3),
         "frames_per_s": round(frames / processing_s, 2) if processing_s > 0 else 0.0,
         "count_latency_ms": latencies,
+        "stage_peak_fps": {stage: max((row[stage]["fps"] for row in progress.timeline), default=0.0) for stage in STAGES},
+        "timeline": progress.timeline,
         "actors": {
             name: {k: s.get(k) for k in ("stage", "frames_out", "fps", "node", "gpus", "peak_rss_mb") if k in s}
             for name, s in sorted(progress.stats.items())

@@ -66,6 +66,8 @@ class StageWorker:
         self.last_error: str | None = None
         self._lag: int | None = None
         self.ready = False
+        self.assigned = 0
+        """Partitions this worker owns, as of its last poll."""
         """True once the clients exist, the model is loaded and the first poll joined the group."""
 
     # -- to override ---------------------------------------------------------
@@ -217,6 +219,7 @@ class StageWorker:
             logger.debug("lag measurement failed", exc_info=True)
             return
         self._lag = total
+        self.assigned = len(consumer.assignment())
 
     def fps(self) -> float:
         with self._lock:
@@ -231,6 +234,7 @@ class StageWorker:
             "stage": self.stage,
             "running": self.running,
             "ready": self.ready,
+            "assigned": self.assigned,
             **self.counters,
             "fps": round(self.fps(), 2),
             "lag": self._lag,

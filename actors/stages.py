@@ -13,10 +13,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kafka import TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from actors.kafka_io import make_consumer, send_record
+from actors.kafka_io import read_all, send_record
 from actors.loop import StageWorker
 from pipeline.codecs import (
     Record,
@@ -35,7 +34,7 @@ from pipeline.detector import Detector, make_detector
 from pipeline.errors import DecodeError
 from pipeline.messages import EndOfStream, FrameDetections, FrameMeta
 
-__all__ = ["InterWorker", "CropWorker", "CountWorker", "read_table"]
+__all__ = ["InterWorker", "CropWorker", "CountWorker", "read_table", "percentiles"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,35 +136,18 @@ class CropWorker(StageWorker):
 
 
 def read_table(settings: Any) -> dict[str, dict[str, Any]]:
-    """Read the whole count table (every stream's last snapshot) from the changelog topic."""
-    topic = settings.topics.counts_changelog.name
-    consumer = make_consumer(settings.kafka, group_id=None)
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        if not tps:
-            return {}
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        table: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + 60
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise DecodeError(f"timed out reading the count table from {topic}")
-            for batch in consumer.poll(timeout_ms=500).values():
-                for r in batch:
-                    key = r.key.decode() if r.key else ""
-                    if r.value is None:
-                        table.pop(key, None)
-                        continue
-                    try:
-                        table[key] = decode_json(r.value)
-                    except DecodeError as exc:
-                        logger.warning("ignoring a bad changelog record %s: %s", key, exc)
-        return table
-    finally:
-        consumer.close()
+    """The whole count table (every stream's last snapshot), read from the changelog topic."""
+    table: dict[str, dict[str, Any]] = {}
+    for r in read_all(settings.kafka, settings.topics.counts_changelog.name):
+        key = r.key.decode() if r.key else ""
+        if r.value is None:
+            table.pop(key, None)
+            continue
+        try:
+            table[key] = decode_json(r.value)
+        except DecodeError as exc:
+            logger.warning("ignoring a bad changelog record %s: %s", key, exc)
+    return table
 
 
 class CountWorker(StageWorker):
@@ -237,15 +219,19 @@ class CountWorker(StageWorker):
             futures.append(send_record(self.producer, topics.counts_changelog.name, snap))
         return futures
 
+    def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """As StageWorker.run, plus every latency sample (capture to count applied) for exact percentiles."""
+        return super().run(*args, **kwargs) | {"latencies_ms": [round(v, 2) for v in self.latencies_ms]}
+
     def extra_stats(self) -> dict[str, Any]:
         return {
             "table": self.counter.table(),
-            "latency_ms": _percentiles(self.latencies_ms),
+            "latency_ms": percentiles(self.latencies_ms),
             "last_applied_ts": self.last_applied_ts,
         }
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
     ordered = sorted(values)

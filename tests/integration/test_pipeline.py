@@ -11,9 +11,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kafka import TopicPartition
 
-from actors.kafka_io import make_consumer
+from actors.kafka_io import read_all
 from actors.launcher import RunPlan, run_pipeline
 from pipeline.codecs import decode_detections, decode_frame, decode_jpeg
 from pipeline.config import ModelConfig, Settings
@@ -25,22 +24,8 @@ from pipeline.sources import parse_source
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
 
 
-def read_topic(settings: Settings, topic: str, timeout_s: float = 60) -> list[Any]:
-    """Every record of a topic, read with a group-less consumer."""
-    consumer = make_consumer(settings.kafka, group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        out: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in tps) and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                out.extend(batch)
-        return out
-    finally:
-        consumer.close()
+def read_topic(settings: Settings, topic: str) -> list[Any]:
+    return read_all(settings.kafka, topic)
 
 
 def detections_on_c(settings: Settings, stream_id: str) -> dict[int, Any]:
@@ -150,3 +135,26 @@ def test_bad_video_fails_before_anything_is_published(make_settings, tmp_path: P
     from cluster.topics import list_topics
 
     assert s.topics.frames.name not in list_topics(s.kafka)  # nothing created, nothing published
+
+
+def test_unreadable_frame_is_skipped_and_counted_in_the_summary(ray_local, make_settings, shared_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, name in enumerate(["bus.jpg", "street-dog.jpg", "bus.jpg"]):
+        (folder / f"{i:03d}.jpg").write_bytes((shared_dir / "images" / name).read_bytes())
+    (folder / "001b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not an image")
+    s = make_settings(model__name="sleep:5ms")
+    plan = RunPlan(sources=[parse_source(f"cam={folder}")], replicas={"inter": 1, "crop": 1, "count": 1},
+                   include_dashboard=False, allow_calibration=True, stall_timeout_s=120)
+    summary = run_pipeline(s, plan)
+    assert summary["frames_skipped"] == 1
+    assert summary["per_stream"]["cam"] == {"produced": 3, "skipped": 1, "counted": 3}
+
+
+def test_run_refuses_the_calibration_detector_unless_asked(make_settings, highway: str) -> None:
+    from pipeline.errors import ConfigError
+
+    s = make_settings(model__name="sleep:40ms")
+    plan = RunPlan(sources=[parse_source(f"hw={highway}")], replicas={"inter": 1, "crop": 1, "count": 1})
+    with pytest.raises(ConfigError, match="calibration"):
+        run_pipeline(s, plan)
