@@ -276,7 +276,7 @@ def status(address: Annotated[str, typer.Option(help="Ray cluster to ask.")] = "
         return
     handles = {n: ray.get_actor(n, namespace=NAMESPACE) for n in names}
     refs = {n: h.stats.remote() for n, h in handles.items()}
-    typer.echo(f"{'actor':<28}{'frames':>8}{'f/s':>8}{'lag':>8}  node / gpus / peak MB")
+    typer.echo(f"{'actor':<28}{'frames':>8}{'f/s':>8}{'lag':>8}  node / gpus / peak MB / problem")
     for name, ref in refs.items():
         try:
             st = ray.get(ref, timeout=10)
@@ -284,7 +284,7 @@ def status(address: Annotated[str, typer.Option(help="Ray cluster to ask.")] = "
             typer.echo(f"{name:<28} unavailable: {type(exc).__name__}")
             continue
         typer.echo(f"{name:<28}{st.get('frames_out', 0):>8}{st.get('fps', 0):>8}{str(st.get('lag', '-')):>8}  "
-                   f"{st.get('node')} / {','.join(st.get('gpus') or []) or '-'} / {st.get('peak_rss_mb')}")
+                   f"{st.get('node')} / {','.join(st.get('gpus') or []) or '-'} / {st.get('peak_rss_mb')} / {st.get('last_error') or 'ok'}")
 
 
 @app.command()

@@ -317,6 +317,8 @@ def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, An
         },
         "frames_processed": {stage: progress.total(stage, "frames_out") for stage in STAGES},
         "poison_records": {stage: progress.total(stage, "poison") for stage in STAGES},
+        "dead_lettered": {stage: progress.total(stage, "dead_lettered") for stage in STAGES},
+        "retried_batches": {stage: progress.total(stage, "retries") for stage in STAGES},
         "detections": progress.total("inter", "detections"),
         "crops_per_label": dict(sorted(Counter(e["label"] for e in crops).items())),
         "crops_dir": str((Path(settings.output_dir) / "crops").resolve()),

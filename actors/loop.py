@@ -3,8 +3,12 @@
 Offsets are committed only after every output record is acknowledged by the
 broker and every sink write succeeded, so a crash loses nothing (at-least-once);
 sinks and the count table are idempotent, so a redelivery changes nothing.
-Poison records (that do not decode) are skipped, counted and logged with
-their topic, partition and offset.
+
+- Poison records (that do not decode) go to the dead-letter topic with the reason
+  and their origin in headers, are counted, and never stop the stage.
+- A batch whose outputs were not acknowledged (broker gone) or whose sink failed
+  (disk full) is not committed: the worker rewinds to the batch's first offsets,
+  backs off, reports the problem in its stats, and retries until it succeeds.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import Settings
-from pipeline.errors import DecodeError, PipelineError
+from pipeline.errors import DecodeError, SinkError
 
 __all__ = ["StageWorker", "ErrorPolicy"]
 
@@ -59,7 +63,14 @@ class StageWorker:
         self.producer: KafkaProducer | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self.counters: dict[str, int] = {"records_in": 0, "frames_in": 0, "frames_out": 0, "poison": 0, "commit_failures": 0}
+        self.counters: dict[str, int] = {
+            "records_in": 0, "frames_in": 0, "frames_out": 0, "poison": 0, "dead_lettered": 0,
+            "commit_failures": 0, "retries": 0,
+        }
+        self._dead_letters: list[Any] = []
+        self._failures_in_a_row = 0
+        self._needs_rewind_hook = False
+        self.max_backoff_s = 30.0
         self._rate: deque[tuple[float, int]] = deque(maxlen=30)
         self.started_at: float | None = None
         self.running = False
@@ -91,6 +102,12 @@ class StageWorker:
 
     def extra_stats(self) -> dict[str, Any]:
         return {}
+
+    def on_commit(self) -> None:
+        """The batch is durable: publish its effects to stats."""
+
+    def on_rewind(self) -> None:
+        """Undo in-memory effects of a batch that was not committed (the count table reloads its changelog)."""
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -163,21 +180,58 @@ class StageWorker:
         return self.stats()
 
     def handle(self, records: list[Any]) -> None:
-        """Process one polled batch, wait for its outputs, then commit its offsets."""
-        futures = self.process(records)
+        """Process one polled batch, wait for its outputs, then commit its offsets.
+
+        On a broker or sink failure nothing is committed: rewind, back off, retry later.
+        """
         assert self.producer is not None
-        if futures:
-            self.producer.flush()
-            for future in futures:
-                try:
+        counters_before = dict(self.counters)
+        try:
+            if self._needs_rewind_hook:
+                self.on_rewind()
+                self._needs_rewind_hook = False
+            futures = self.process(records) + self._dead_letters
+            self._dead_letters = []
+            if futures:
+                self.producer.flush(timeout=60)
+                for future in futures:
                     future.get(timeout=60)
-                except KafkaError as exc:
-                    raise PipelineError(f"{self.name}: output not acknowledged, offsets not committed: {exc}") from exc
+        except (KafkaError, SinkError) as exc:
+            self._dead_letters = []
+            self.counters.update(counters_before)  # the batch will be counted when it succeeds
+            self._retry_later(records, exc)
+            return
+        if self._failures_in_a_row:
+            logger.warning("%s: recovered after %d failed attempts", self.name, self._failures_in_a_row)
+            self._failures_in_a_row, self.last_error = 0, None
         self.commit(records)
+        self.on_commit()
         with self._lock:
             self.counters["records_in"] += len(records)
             self._rate.append((time.monotonic(), self.counters["frames_in"]))
         self._measure_lag()
+
+    def _retry_later(self, records: list[Any], exc: Exception) -> None:
+        self._failures_in_a_row += 1
+        self.counters["retries"] += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        backoff = min(2 ** (self._failures_in_a_row - 1), self.max_backoff_s)
+        logger.warning("%s: batch not committed (%s); retrying in %.0fs", self.name, self.last_error, backoff)
+        self.rewind(records)
+        self._needs_rewind_hook = True
+        self._stop.wait(backoff)
+
+    def rewind(self, records: list[Any]) -> None:
+        """Seek back to the first offset of each partition in the batch, so it is polled again."""
+        assert self.consumer is not None
+        first: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        owned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in owned:  # a partition lost to a rebalance is redelivered to its new owner anyway
+                self.consumer.seek(tp, offset)
 
     def commit(self, records: list[Any]) -> None:
         assert self.consumer is not None
@@ -200,8 +254,21 @@ class StageWorker:
         except DecodeError as exc:
             self.counters["poison"] += 1
             if self.on_error(exc, record):
+                self.dead_letter(record, exc)
                 return None
             raise
+
+    def dead_letter(self, record: Any, exc: Exception) -> None:
+        """Send the record as it came, plus why and where from, to the dead-letter topic."""
+        assert self.producer is not None
+        headers = list(record.headers or []) + [
+            ("vapipe-dlq-reason", str(exc).encode()[:1000]),
+            ("vapipe-dlq-stage", self.stage.encode()),
+            ("vapipe-dlq-origin", f"{record.topic}/{record.partition}/{record.offset}".encode()),
+        ]
+        self._dead_letters.append(self.producer.send(
+            self.settings.topics.dead_letter.name, key=record.key, value=record.value, headers=headers))
+        self.counters["dead_lettered"] += 1
 
     # -- observability -------------------------------------------------------
     def _measure_lag(self) -> None:

@@ -108,6 +108,7 @@ class CropWorker(StageWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.crops_by_label: Counter[str] = Counter()
+        self._pending_crops: Counter[str] = Counter()
         self.sink = CropSink(Path(self.settings.output_dir) / "crops", writer=self.name, jpeg_quality=self.settings.crops.jpeg_quality)
 
     def process(self, records: list[Any]) -> list[Any]:
@@ -118,7 +119,7 @@ class CropWorker(StageWorker):
             result, image = decoded
             crops = crop_detections(image, result.detections, self.settings.crops.min_confidence)
             self.sink.write(result.meta, crops)
-            self.crops_by_label.update(c.label for c in crops)
+            self._pending_crops.update(c.label for c in crops)
             self.counters["frames_in"] += 1
             self.counters["frames_out"] += 1
         return []
@@ -130,6 +131,13 @@ class CropWorker(StageWorker):
             return None  # end markers on B carry nothing to crop
         result, jpeg = decoded
         return result, decode_jpeg(jpeg)
+
+    def on_commit(self) -> None:
+        self.crops_by_label.update(self._pending_crops)
+        self._pending_crops.clear()
+
+    def on_rewind(self) -> None:
+        self._pending_crops.clear()
 
     def extra_stats(self) -> dict[str, Any]:
         return {"crops": dict(self.crops_by_label)}
@@ -183,6 +191,11 @@ class CountWorker(StageWorker):
                 worker.restore()
 
         self.consumer.subscribe([self.input_topic], listener=Restore())
+
+    def on_rewind(self) -> None:
+        # The failed batch may have changed the table in memory only: go back to what is durable.
+        self.counter.streams.clear()
+        self.restore()
 
     def restore(self) -> None:
         for stream_id, snapshot in read_table(self.settings).items():

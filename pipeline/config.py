@@ -117,9 +117,11 @@ class TopicsConfig(_Frozen):
         config={"cleanup.policy": "compact"},
     )
     """Compacted table state keyed by stream, so a restarted count replica recovers."""
+    dead_letter: TopicSpec = TopicSpec(name="vapipe.dead-letter", partitions=1)
+    """Records no stage could decode, with the reason and origin in headers."""
 
     def all(self) -> list[TopicSpec]:
-        return [self.frames, self.detected_frames, self.detections, self.counts, self.counts_changelog]
+        return [self.frames, self.detected_frames, self.detections, self.counts, self.counts_changelog, self.dead_letter]
 
 
 class ProducerConfig(_Frozen):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
-from actors.kafka_io import make_producer
+from actors.kafka_io import make_producer, read_all
 from actors.producer import FrameProducer
 from actors.stages import CountWorker, CropWorker, InterWorker, read_table
 from cluster.topics import create_topics
@@ -70,6 +71,42 @@ def test_poison_records_are_skipped_and_counted(make_settings, highway: str) -> 
     producer.close()
     FrameProducer(s, parse_source(highway, stream_id="hw")).run()
     inter = InterWorker(s, "inter-0").run(max_messages=7, timeout_s=60)
-    assert inter["poison"] == 3 and inter["frames_out"] == 3
+    assert inter["poison"] == 3 and inter["dead_lettered"] == 3 and inter["frames_out"] == 3
     count = CountWorker(s, "count-0").run(max_messages=5, timeout_s=60)
-    assert count["poison"] == 1 and count["table"]["hw"]["frames_applied"] == 3
+    assert count["poison"] == 1 and count["dead_lettered"] == 1 and count["table"]["hw"]["frames_applied"] == 3
+    dead = read_all(s.kafka, s.topics.dead_letter.name)
+    assert len(dead) == 4
+    by_value = {r.value: dict(r.headers) for r in dead}
+    assert b"not a jpeg" in by_value and b"not a decodable image" in by_value[b"not a jpeg"]["vapipe-dlq-reason"]
+    assert by_value[b"{not json"]["vapipe-dlq-stage"] == b"count"
+    assert by_value[b"{not json"]["vapipe-dlq-origin"].startswith(s.topics.detections.name.encode() + b"/")
+    assert b"unknown schema_version 99" in by_value[b"x"]["vapipe-dlq-reason"]
+
+
+def test_crop_stage_holds_offsets_while_it_cannot_write_then_resumes(make_settings, highway: str, tmp_path: Path) -> None:
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where the output folder should be")
+    s = make_settings(producer__max_frames=4, model__name="sleep:1ms", output_dir=str(blocker / "out"))
+    _publish(s, highway, "hw")
+    producer = make_producer(s.kafka)
+    # Detections with one confident box per frame, so every frame needs a crop file.
+    from pipeline.codecs import decode_frame, encode_detected_frame
+    from pipeline.messages import Detections, FrameDetections
+
+    box = Detections.from_records([{"label": "car", "class_id": 2, "confidence": 0.9, "box": [10, 10, 60, 60]}])
+    for r in read_all(s.kafka, s.topics.frames.name):
+        decoded = decode_frame(r.value, r.headers)
+        if isinstance(decoded, tuple):
+            meta, jpeg = decoded
+            rec = encode_detected_frame(FrameDetections(meta, box), jpeg)
+            producer.send(s.topics.detected_frames.name, key=rec.key, value=rec.value, headers=list(rec.headers))
+    producer.flush()
+    producer.close()
+    worker = CropWorker(s, "crop-0")
+    worker.max_backoff_s = 1.0
+    fixer = threading.Timer(3.0, lambda: (blocker.unlink(), blocker.mkdir()))
+    fixer.start()
+    stats = worker.run(max_messages=4, timeout_s=60)
+    fixer.join()
+    assert stats["retries"] >= 1 and stats["frames_out"] == 4 and stats["last_error"] is None
+    assert len(load_index(Path(s.output_dir) / "crops")) == 4
