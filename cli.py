@@ -34,6 +34,7 @@ app.add_typer(bench_app, name="bench")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML settings file (default: built-in defaults, see configs/default.yaml).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: section.field=value (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Folder for JSON, CSV, plots and the markdown report.")]
 
 
 class _State:
@@ -86,9 +87,7 @@ def _broker() -> Any:
 @kafka_app.command("install")
 def kafka_install() -> None:
     """Resolve the broker jars with Maven (done automatically by start)."""
-    from cluster.broker import KafkaBroker
-
-    typer.echo(str(KafkaBroker.install(_broker())))
+    typer.echo(str(_broker().install()))
 
 
 @kafka_app.command("start")
@@ -361,9 +360,6 @@ def bench_overhead(
 
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
-
-
-OutOpt = Annotated[Path, typer.Option("--out", help="Folder for JSON, CSV, plots and the markdown report.")]
 
 
 @bench_app.command("strong")

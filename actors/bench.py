@@ -186,20 +186,26 @@ def scaling(
 
             ray.shutdown()
     base_t, _ = _mean_std([row["wall_s"] for row in rows if row["replicas"] == replicas[0]])
+    base_median = statistics.median(row["wall_s"] for row in rows if row["replicas"] == replicas[0])
     table = []
     for r in replicas:
         times = [row["wall_s"] for row in rows if row["replicas"] == r]
         mean_t, std_t = _mean_std(times)
         fps_mean, fps_std = _mean_std([row["fps"] for row in rows if row["replicas"] == r])
+        median_t = statistics.median(times)
         entry: dict[str, Any] = {"replicas": r, "wall_s_mean": round(mean_t, 3), "wall_s_std": round(std_t, 3),
+                                 "wall_s_median": round(median_t, 3),
                                  "fps_mean": round(fps_mean, 2), "fps_std": round(fps_std, 2),
                                  "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] for x in rows if x["replicas"] == r), 1),
                                  "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] for x in rows if x["replicas"] == r), 1)}
         if mode == "strong":
             entry["speedup"] = round(base_t / mean_t * replicas[0], 3)
             entry["efficiency"] = round(entry["speedup"] / r, 3)
+            # Medians resist the odd run that a shared machine slows down.
+            entry["speedup_median"] = round(base_median / median_t * replicas[0], 3)
         else:
             entry["time_ratio_to_base"] = round(mean_t / base_t, 3)
+            entry["time_ratio_median"] = round(median_t / base_median, 3)
         table.append(entry)
     return {"benchmark": mode, "frames": frames, "repeat": repeat, "video": video, "table": table, "rows": rows,
             "timelines": {str(k): v for k, v in timelines.items()}, **environment(settings)}

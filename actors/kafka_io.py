@@ -24,6 +24,7 @@ __all__ = [
     "make_admin",
     "check_broker",
     "send_record",
+    "topic_partitions",
     "read_all",
     "end_offsets",
     "group_lag",
@@ -147,6 +148,28 @@ def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]
         return records
     finally:
         consumer.close()
+
+
+def topic_partitions(cfg: KafkaConfig, topic: str) -> list[int]:
+    """A topic's partitions as the broker's controller knows them.
+
+    A producer's own metadata can list only some partitions of a topic created moments
+    before; spreading frames over that subset would leave the replicas that own the
+    others idle for the whole run.
+
+    Raises:
+        BrokerError: the topic does not exist.
+    """
+    admin = make_admin(cfg)
+    try:
+        for t in admin.describe_topics([topic]):
+            if t.get("name") == topic and not t.get("error_code") and t.get("partitions"):
+                return sorted(p["partition_index"] for p in t["partitions"])
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe topic {topic} on {cfg.bootstrap_servers}: {exc}") from None
+    finally:
+        admin.close()
+    raise BrokerError(f"topic {topic} does not exist on {cfg.bootstrap_servers}: run `vapipe topics create`")
 
 
 def send_record(producer: KafkaProducer, topic: str, record: Record, partition: int | None = None) -> Any:

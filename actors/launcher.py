@@ -148,14 +148,17 @@ def run_pipeline(
                 actors[name] = handle
                 stage_refs[name] = handle.run.remote()
         _wait_ready(settings, actors, stage_refs, timeout_s=plan.stall_timeout_s)
-        t0 = time.time()
-        producer_refs: dict[str, Any] = {}
+        producers: dict[str, Any] = {}
         for spec in plan.sources:
             name = f"producer-{spec.stream_id}"
             opts = actor_options(name, settings.producer.num_cpus, 0, 0) | {"max_restarts": 0, "max_task_retries": 0}
-            handle = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name)
-            actors[name] = handle
-            producer_refs[name] = handle.run.remote()
+            producers[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name)
+        actors.update(producers)
+        # Start every stream together: a producer whose worker process is slow to start must not
+        # begin seconds after the others (and stretch the measured run).
+        ray.get([h.stats.remote() for h in producers.values()], timeout=plan.stall_timeout_s)
+        t0 = time.time()
+        producer_refs = {name: h.run.remote() for name, h in producers.items()}
         progress = Progress()
         produced = _drain(settings, plan, actors, producer_refs, stage_refs, progress, on_progress)
         wall = time.time() - t0

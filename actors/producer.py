@@ -16,7 +16,7 @@ from typing import Any
 
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from actors.kafka_io import make_producer, send_record
+from actors.kafka_io import make_producer, send_record, topic_partitions
 from pipeline.codecs import encode_end_of_stream, encode_frame, encode_jpeg
 from pipeline.config import Settings
 from pipeline.errors import BrokerError, SourceError
@@ -86,16 +86,16 @@ class FrameProducer:
         cfg = self.settings
         source = VideoSource(self.spec, max_frames=cfg.producer.max_frames).open()
         topic = cfg.topics.frames.name
-        producer = make_producer(cfg.kafka, enable_idempotence=True)
+        # Short metadata age: a just-created topic's partitions show up within a second.
+        producer = make_producer(cfg.kafka, enable_idempotence=True, metadata_max_age_ms=1000)
         t0 = time.time()
         first_ts: float | None = None
         last_ts: float | None = None
         size = 0
         futures: list[Any] = []
         try:
-            partitions = sorted(producer.partitions_for(topic) or [])
-            if not partitions:
-                raise BrokerError(f"topic {topic} does not exist on {cfg.kafka.bootstrap_servers}: run `vapipe topics create`")
+            partitions = topic_partitions(cfg.kafka, topic)
+            self._await_partitions(producer, topic, partitions)
             pacer = Pacer(cfg.producer.fps)
             for frame in source:
                 if self._stop.is_set():
@@ -130,6 +130,14 @@ class FrameProducer:
             source.close()
             producer.close()
         return ProducerResult(self.spec.stream_id, self.published, self.skipped, size, time.time() - t0, first_ts, last_ts).to_dict()
+
+    def _await_partitions(self, producer: Any, topic: str, partitions: list[int], timeout_s: float = 30.0) -> None:
+        """Wait until this producer's metadata knows every partition, so frames spread over all of them."""
+        deadline = time.monotonic() + timeout_s
+        while not set(partitions) <= set(producer.partitions_for(topic) or ()):
+            if time.monotonic() > deadline:
+                raise BrokerError(f"producer metadata still lacks partitions of {topic} after {timeout_s:.0f}s")
+            time.sleep(0.2)
 
     def _confirm(self, producer: Any, futures: list[Any]) -> None:
         producer.flush()

@@ -110,3 +110,15 @@ def test_crop_stage_holds_offsets_while_it_cannot_write_then_resumes(make_settin
     fixer.join()
     assert stats["retries"] >= 1 and stats["frames_out"] == 4 and stats["last_error"] is None
     assert len(load_index(Path(s.output_dir) / "crops")) == 4
+
+
+def test_producer_spreads_a_stream_over_every_partition_of_a_new_topic(make_settings, highway: str) -> None:
+    # Regression: right after creating A, the producer's metadata listed only some partitions,
+    # so whole replicas sat idle for a run.
+    s = make_settings(producer__max_frames=30, model__name="sleep:1ms")
+    _publish(s, highway, "hw")
+    per_partition: dict[int, int] = {}
+    for r in read_all(s.kafka, s.topics.frames.name):
+        per_partition[r.partition] = per_partition.get(r.partition, 0) + 1
+    assert sorted(per_partition) == list(range(s.topics.frames.partitions))
+    assert {n for p, n in per_partition.items() if p != 0} == {5}  # 30 frames round-robin; EOS on 0
