@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("inter", "crop", "count")
 POLL_INTERVAL_S = 1.0
+REJOIN_AFTER_S = 5.0
+"""A replica still owning no partition this long after start-up is asked to rejoin its group."""
 """How often the driver asks the actors for their stats while a run drains."""
 
 
@@ -242,6 +244,7 @@ def _wait_ready(settings: Settings, actors: dict[str, Any], stage_refs: dict[str
 
     inputs = {"inter": settings.topics.frames, "crop": settings.topics.detected_frames, "count": settings.topics.detections}
     deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
     waiting = "start-up"
     while True:
         if time.monotonic() > deadline:
@@ -253,10 +256,19 @@ def _wait_ready(settings: Settings, actors: dict[str, Any], stage_refs: dict[str
                 raise PipelineError(f"stage actor {name} stopped during start-up")
         stats = {s["name"]: s for s in _gather_stats({n: actors[n] for n in stage_refs})}
         not_ready = sorted(n for n in stage_refs if not stats.get(n, {}).get("ready"))
-        unowned = [
-            stage for stage, spec in inputs.items()
-            if sum(int(s.get("assigned") or 0) for s in stats.values() if s.get("stage") == stage) < spec.partitions
-        ]
+        unowned = []
+        for stage, spec in inputs.items():
+            members = [s for s in stats.values() if s.get("stage") == stage]
+            owned = [int(s.get("assigned") or 0) for s in members]
+            # Every partition owned, and no replica left without one when there are enough to go round.
+            idle = [s["name"] for s in members if not s.get("assigned")] if len(members) <= spec.partitions else []
+            if sum(owned) != spec.partitions or idle:
+                unowned.append(stage)
+                if idle and time.monotonic() - started > REJOIN_AFTER_S:
+                    # Seen here: a member left out of a finished rebalance stays idle for the whole run.
+                    for name in idle:
+                        actors[name].rejoin.remote()
+                    started = time.monotonic()
         if not not_ready and not unowned:
             return
         waiting = f"not ready: {', '.join(not_ready) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"

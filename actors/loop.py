@@ -77,6 +77,7 @@ class StageWorker:
         self.last_error: str | None = None
         self._lag: int | None = None
         self.ready = False
+        self._rejoin = threading.Event()
         self.assigned = 0
         """Partitions this worker owns, as of its last poll."""
         """True once the clients exist, the model is loaded and the first poll joined the group."""
@@ -131,6 +132,10 @@ class StageWorker:
         assert self.consumer is not None
         self.consumer.subscribe([self.input_topic])
 
+    def rejoin(self) -> None:
+        """Leave and rejoin the group on the loop's thread (a member left out of an assignment)."""
+        self._rejoin.set()
+
     def stop(self) -> None:
         """Ask ``run`` to finish its current batch, commit, and return."""
         self._stop.set()
@@ -160,6 +165,10 @@ class StageWorker:
                     break
                 if idle_timeout_s is not None and time.monotonic() - last_record >= idle_timeout_s:
                     break
+                if self._rejoin.is_set():
+                    self._rejoin.clear()
+                    self.consumer.unsubscribe()
+                    self.subscribe()
                 limit = cfg.batch_size
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.counters["records_in"])

@@ -51,6 +51,9 @@ class StageActor:
     def stop(self) -> None:
         self.worker.stop()
 
+    def rejoin(self) -> None:
+        self.worker.rejoin()
+
     def stats(self) -> dict[str, Any]:
         return self.worker.stats() | _placement()
 
