@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pipeline.config import Settings, dotted_overrides, load_settings
+from pipeline.config import Settings, dotted_overrides, load_settings, set_path
 from pipeline.errors import PipelineError
 
 __all__ = ["app", "main"]
@@ -49,13 +49,8 @@ def settings(**overrides: Any) -> Settings:
     """Settings from file, environment, --set, then command flags (highest)."""
     tree = dotted_overrides(_state.sets)
     for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = tree
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        if value is not None:
+            set_path(tree, dotted.split("."), value)
     return load_settings(_state.config, overrides=tree)
 
 

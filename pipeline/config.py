@@ -33,6 +33,7 @@ __all__ = [
     "RayConfig",
     "Settings",
     "load_settings",
+    "set_path",
     "COCO_VEHICLES",
 ]
 
@@ -211,7 +212,8 @@ class Settings(_Frozen):
         return f"{self.group_prefix}-{stage}"
 
 
-def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``tree[path[0]][path[1]]... = value``, creating the nested dicts on the way."""
     node = tree
     for key in path[:-1]:
         child = node.get(key)
@@ -242,7 +244,7 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
             continue
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
         if path and path[0] in Settings.model_fields:
-            _set_path(tree, path, _parse_scalar(raw))
+            set_path(tree, path, _parse_scalar(raw))
     return tree
 
 
@@ -253,7 +255,7 @@ def dotted_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"invalid override {pair!r}: expected section.field=value")
-        _set_path(tree, [p.strip() for p in key.split(".")], _parse_scalar(raw))
+        set_path(tree, [p.strip() for p in key.split(".")], _parse_scalar(raw))
     return tree
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.config import Settings, load_settings
+from pipeline.config import Settings, load_settings, set_path
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,11 +107,7 @@ def make_settings(kafka_bootstrap: str, tmp_path: Path, model_path: str) -> Any:
         }
         tree["topics"]["counts_changelog"]["config"] = {"cleanup.policy": "compact"}
         for dotted, value in overrides.items():
-            node = tree
-            *parents, leaf = dotted.split("__")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[leaf] = value
+            set_path(tree, dotted.split("__"), value)
         return load_settings(None, overrides=tree, environ={})
 
     return make
