@@ -338,7 +338,8 @@ def _demo_image() -> str:
 @bench_app.command("overhead")
 def bench_overhead(
     source: Annotated[str, typer.Option("--source", "-s")] = "",
-    frames: Annotated[int, typer.Option(help="Frames of the video to use.")] = 150,
+    frames: Annotated[int, typer.Option(help="Frames of the video to use.")] = 300,
+    repeat: Annotated[int, typer.Option(help="Pipeline runs, each between two bare-loop runs.")] = 3,
     model: Annotated[Optional[str], typer.Option()] = None,
     out: OutOpt = Path("output/bench/overhead"),
 ) -> None:
@@ -348,7 +349,7 @@ def bench_overhead(
     from actors.report import write_report
 
     s = settings(**{"model.name": model})
-    result = overhead(s, source or _default_video(), frames, on_progress=_progress_printer())
+    result = overhead(s, source or _default_video(), frames, repeat, on_progress=_progress_printer())
     write_report(result, out)
     _echo_json(result)
 
