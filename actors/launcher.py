@@ -151,10 +151,13 @@ def run_pipeline(
                 stage_refs[name] = handle.run.remote()
         _wait_ready(settings, actors, stage_refs, timeout_s=plan.stall_timeout_s)
         producers: dict[str, Any] = {}
+        # This run's streams have no frames older than this (a minute of slack for clocks across
+        # nodes): a restarted producer scans only that much of topic A to find where to resume.
+        since_ms = int((time.time() - 60) * 1000)
         for spec in plan.sources:
             name = f"producer-{spec.stream_id}"
-            opts = actor_options(name, settings.producer.num_cpus, 0, 0) | {"max_restarts": 0, "max_task_retries": 0}
-            producers[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name)
+            opts = actor_options(name, settings.producer.num_cpus, 0, 0)
+            producers[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name, since_ms)
         actors.update(producers)
         # Start every stream together: a producer whose worker process is slow to start must not
         # begin seconds after the others (and stretch the measured run).

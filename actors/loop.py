@@ -1,7 +1,13 @@
 """One consumer loop for every stage: poll, decode, call the core, produce, flush, commit.
 
-Offsets are committed only after every output record is acknowledged by the
-broker and every sink write succeeded, so a crash loses nothing (at-least-once);
+``processing_guarantee: exactly_once`` (the default): a batch's output records and
+its input offsets go to Kafka in one transaction (consume-transform-produce, KIP-98
+and KIP-447), so a crash either publishes the whole batch and its offsets or none
+of it; consumers read committed records only. Each replica's transactional id is
+stable (``<group>.<actor name>``), so a restarted actor fences the zombie it replaces.
+
+``at_least_once``: offsets are committed only after every output record is
+acknowledged by the broker and every sink write succeeded, so a crash loses nothing;
 sinks and the count table are idempotent, so a redelivery changes nothing.
 
 - Poison records (that do not decode) go to the dead-letter topic with the reason
@@ -21,11 +27,11 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.config import Settings
-from pipeline.errors import DecodeError, SinkError
+from pipeline.errors import BrokerError, DecodeError, SinkError
 
 __all__ = ["StageWorker", "ErrorPolicy"]
 
@@ -104,6 +110,15 @@ class StageWorker:
     def extra_stats(self) -> dict[str, Any]:
         return {}
 
+    @property
+    def exactly_once(self) -> bool:
+        return self.settings.processing_guarantee == "exactly_once"
+
+    @property
+    def transactional_id(self) -> str:
+        """Stable per replica: Ray restarts an actor under the same name, and the new one fences the old."""
+        return f"{self.settings.group(self.stage)}.{self.name}"
+
     def on_commit(self) -> None:
         """The batch is durable: publish its effects to stats."""
 
@@ -112,11 +127,11 @@ class StageWorker:
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        from actors.kafka_io import make_consumer, make_producer
+        from actors.kafka_io import make_consumer
 
         if self.consumer is not None:
             return
-        self.producer = make_producer(self.settings.kafka)
+        self.producer = self._make_producer()
         self.consumer = make_consumer(
             self.settings.kafka,
             group_id=self.settings.group(self.stage),
@@ -127,6 +142,15 @@ class StageWorker:
         self.subscribe()
         self.setup()
         self.started_at = time.time()
+
+    def _make_producer(self) -> KafkaProducer:
+        from actors.kafka_io import make_producer
+
+        if not self.exactly_once:
+            return make_producer(self.settings.kafka)
+        producer = make_producer(self.settings.kafka, transactional_id=self.transactional_id)
+        producer.init_transactions()  # aborts what a crashed predecessor left open
+        return producer
 
     def subscribe(self) -> None:
         assert self.consumer is not None
@@ -189,36 +213,64 @@ class StageWorker:
         return self.stats()
 
     def handle(self, records: list[Any]) -> None:
-        """Process one polled batch, wait for its outputs, then commit its offsets.
+        """Process one polled batch, publish its outputs, then commit its offsets (in one transaction
+        under exactly_once).
 
-        On a broker or sink failure nothing is committed: rewind, back off, retry later.
+        On a broker or sink failure nothing is committed (the transaction is aborted):
+        rewind, back off, retry later.
         """
-        assert self.producer is not None
         counters_before = dict(self.counters)
         try:
+            if self.producer is None:  # dropped after a failed abort: a new one aborts the old transaction
+                self.producer = self._make_producer()
             if self._needs_rewind_hook:
                 self.on_rewind()
                 self._needs_rewind_hook = False
+            if self.exactly_once:
+                self.producer.begin_transaction()
             futures = self.process(records) + self._dead_letters
             self._dead_letters = []
-            if futures:
+            if self.exactly_once:
+                assert self.consumer is not None
+                self.producer.send_offsets_to_transaction(self.offsets(records), self.consumer.group_metadata())
+                self.producer.commit_transaction()
+            elif futures:
                 self.producer.flush(timeout=60)
-                for future in futures:
-                    future.get(timeout=60)
-        except (KafkaError, SinkError) as exc:
+            for future in futures:
+                future.get(timeout=60)
+        except ProducerFencedError:
+            raise  # a newer instance of this replica owns the transactional id: this one is a zombie
+        except (KafkaError, SinkError, BrokerError) as exc:
             self._dead_letters = []
             self.counters.update(counters_before)  # the batch will be counted when it succeeds
+            if self.exactly_once:
+                self._abort()
             self._retry_later(records, exc)
             return
         if self._failures_in_a_row:
             logger.warning("%s: recovered after %d failed attempts", self.name, self._failures_in_a_row)
             self._failures_in_a_row, self.last_error = 0, None
-        self.commit(records)
+        if not self.exactly_once:
+            self.commit(records)
         self.on_commit()
         with self._lock:
             self.counters["records_in"] += len(records)
             self._rate.append((time.monotonic(), self.counters["frames_in"]))
         self._measure_lag()
+
+    def _abort(self) -> None:
+        """Abort the open transaction; if even that fails, drop the producer (its successor aborts it)."""
+        if self.producer is None:
+            return
+        try:
+            self.producer.abort_transaction()
+        except Exception as exc:  # broker gone, or the transaction is in a fatal state
+            logger.warning("%s: abort failed (%s); recreating the transactional producer", self.name, exc)
+            try:
+                self.producer.close(timeout=1)
+            except Exception:
+                logger.debug("close failed", exc_info=True)
+            self.producer = None
 
     def _retry_later(self, records: list[Any], exc: Exception) -> None:
         self._failures_in_a_row += 1
@@ -242,15 +294,20 @@ class StageWorker:
             if tp in owned:  # a partition lost to a rebalance is redelivered to its new owner anyway
                 self.consumer.seek(tp, offset)
 
-    def commit(self, records: list[Any]) -> None:
-        assert self.consumer is not None
+    @staticmethod
+    def offsets(records: list[Any]) -> dict[TopicPartition, OffsetAndMetadata]:
+        """The offsets to commit after a batch: one past its last record in each partition."""
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             if tp not in offsets or offsets[tp].offset <= r.offset:
                 offsets[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        return offsets
+
+    def commit(self, records: list[Any]) -> None:
+        assert self.consumer is not None
         try:
-            self.consumer.commit(offsets)
+            self.consumer.commit(self.offsets(records))
         except CommitFailedError as exc:
             # The group rebalanced under us: another member will redeliver; sinks are idempotent.
             self.counters["commit_failures"] += 1

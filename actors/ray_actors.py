@@ -61,8 +61,10 @@ class StageActor:
 class ProducerActor:
     """Publishes one source to topic A from inside the cluster."""
 
-    def __init__(self, settings: Settings, spec: SourceSpec, name: str) -> None:
-        self.producer = FrameProducer(settings, spec, name)
+    def __init__(self, settings: Settings, spec: SourceSpec, name: str, since_ms: int | None = None) -> None:
+        # Ray reruns this with the same arguments when it restarts the actor; ``run`` is then
+        # retried and resumes after the frames its predecessor committed.
+        self.producer = FrameProducer(settings, spec, name, since_ms=since_ms)
 
     def run(self) -> dict[str, Any]:
         return self.producer.run() | _placement()

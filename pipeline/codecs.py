@@ -33,6 +33,7 @@ __all__ = [
     "Header",
     "Record",
     "encode_jpeg",
+    "fit_jpeg",
     "decode_jpeg",
     "encode_frame",
     "encode_end_of_stream",
@@ -67,6 +68,25 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     if not ok:
         raise ValueError(f"OpenCV could not JPEG-encode an image of shape {image.shape}")
     return buf.tobytes()
+
+
+def fit_jpeg(image: np.ndarray, quality: int, max_bytes: int, min_quality: int = 40,
+             min_side: int = 32) -> tuple[bytes, int, int] | None:
+    """JPEG of the image within ``max_bytes``, with its width and height: lower the quality down to
+    ``min_quality``, then halve the size (keeping the aspect) until it fits; None if even
+    ``min_side`` pixels do not fit."""
+    q = int(quality)
+    while True:
+        jpeg = encode_jpeg(image, q)
+        if len(jpeg) <= max_bytes:
+            return jpeg, image.shape[1], image.shape[0]
+        if q > min_quality:
+            q = max(min_quality, q - 20)
+            continue
+        h, w = image.shape[:2]
+        if min(h, w) // 2 < min_side:
+            return None
+        image = cv2.resize(image, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
 
 
 def decode_jpeg(data: bytes | None) -> np.ndarray:

@@ -46,7 +46,7 @@ ENV_PREFIX = "VAPIPE_"
 
 Compression = Literal["snappy", "gzip", "lz4", "zstd", "none"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
-ProcessingGuarantee = Literal["at_least_once"]
+ProcessingGuarantee = Literal["exactly_once", "at_least_once"]
 
 
 class _Frozen(BaseModel):
@@ -131,6 +131,11 @@ class ProducerConfig(_Frozen):
     jpeg_quality: int = Field(90, ge=1, le=100)
     max_frames: int | None = Field(None, gt=0)
     """Stop a stream after this many frames (None: until the source ends)."""
+    oversize: Literal["fail", "downscale"] = "fail"
+    """A frame whose JPEG exceeds kafka.max_message_bytes: fail the stream with a clear error,
+    or downscale it (lower quality, then smaller size) until it fits."""
+    transaction_ms: int = Field(200, gt=0)
+    """exactly_once: commit the producer's transaction at least this often (and at every 64 frames)."""
     num_cpus: float = Field(0.1, gt=0)
 
 
@@ -205,8 +210,12 @@ class Settings(_Frozen):
     """Crops, index and run summaries go here."""
     group_prefix: str = "vapipe"
     """Consumer groups are '<prefix>-inter', '<prefix>-crop', '<prefix>-count'."""
-    processing_guarantee: ProcessingGuarantee = "at_least_once"
-    """Offsets are committed only after outputs are acknowledged; sinks and the table are idempotent."""
+    processing_guarantee: ProcessingGuarantee = "exactly_once"
+    """exactly_once: each stage produces its outputs and commits its input offsets in one Kafka
+    transaction, consumers read committed records only, and producers publish frames in
+    transactions so a restarted producer resumes after the last committed frame.
+    at_least_once: offsets are committed after outputs are acknowledged; redeliveries are
+    absorbed by the idempotent sinks and the count table. Neither loses a frame."""
 
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}-{stage}"
