@@ -354,6 +354,53 @@ def bench_overhead(
     _echo_json(result)
 
 
+@app.command("chaos")
+def chaos_cmd(
+    source: Annotated[str, typer.Option("--source", "-s")] = "",
+    frames: Annotated[int, typer.Option(help="Frames of the video per run.")] = 90,
+    faults: Annotated[str, typer.Option(help="Comma-separated faults (default: all); see --list.")] = "",
+    replicas: Annotated[int, typer.Option(help="Replicas of every stage.")] = 2,
+    model: Annotated[Optional[str], typer.Option()] = None,
+    list_faults: Annotated[bool, typer.Option("--list", help="List the faults and exit.")] = False,
+    out: OutOpt = Path("output/bench/chaos"),
+) -> None:
+    """Inject faults into real runs; one table: lost, counted twice, crops, dead-lettered, recovery.
+
+    Exits 1 if any fault lost a frame, counted one twice or changed the crop corpus.
+    """
+    from actors.chaos import FAULTS, chaos
+    from actors.report import write_report
+
+    if list_faults:
+        for name, what in FAULTS.items():
+            typer.echo(f"{name:16} {what}")
+        return
+    s = settings(**{"model.name": model})
+    chosen = [f.strip() for f in faults.split(",") if f.strip()] or list(FAULTS)
+    restart = None
+    if "broker-restart" in chosen:
+        broker = _broker()
+        if not broker.status().running:
+            raise PipelineError("fault broker-restart needs the broker started by `vapipe kafka start` (state "
+                                f"{s.broker.state_dir}); leave it out with --faults")
+
+        def restart() -> None:
+            broker.stop()
+            broker.start()
+
+    result = chaos(s, source or _default_video(), frames, chosen, replicas, restart, on_progress=_progress_printer())
+    folder = write_report(result, out)
+    cols = ("fault", "frames_produced", "frames_counted", "lost", "counted_twice", "duplicates_on_c",
+            "crops_expected", "crops_written", "dead_lettered", "recovery_s")
+    typer.echo(" | ".join(cols))
+    for row in result["rows"]:
+        typer.echo(" | ".join(str(row.get(c)) for c in cols))
+    typer.echo(f"report: {folder / 'README.md'}", err=True)
+    bad = [r["fault"] for r in result["rows"] if r["lost"] or r["counted_twice"] or not r["crops_match"]]
+    if bad:
+        raise PipelineError(f"faults that lost, double-counted or changed crops: {', '.join(bad)}")
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 

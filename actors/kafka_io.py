@@ -28,6 +28,8 @@ __all__ = [
     "read_all",
     "end_offsets",
     "group_lag",
+    "finish_transaction",
+    "send_offsets_in_transaction",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,29 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> KafkaProducer:
         return KafkaProducer(**kwargs)
     except (KafkaConnectionError, KafkaTimeoutError) as exc:
         raise _unreachable(cfg, exc) from None
+
+
+def finish_transaction(producer: KafkaProducer, commit: bool, timeout_s: float = 60.0) -> None:
+    """Commit (or abort) the producer's open transaction, giving up after ``timeout_s``.
+
+    kafka-python's ``commit_transaction`` and ``abort_transaction`` wait without a limit; a
+    request lost while the broker restarts would hold a stage forever. Raises
+    ``KafkaTimeoutError`` instead, so the caller can drop the producer and let a new one
+    (same transactional id) abort what is left.
+    """
+    manager = producer._transaction_manager  # same steps as KafkaProducer.commit_transaction, with a timeout
+    result = manager.begin_commit() if commit else manager.begin_abort()
+    producer._sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        raise KafkaTimeoutError(f"transaction {'commit' if commit else 'abort'} not acknowledged within {timeout_s:g}s")
+
+
+def send_offsets_in_transaction(producer: KafkaProducer, offsets: Any, group_metadata: Any, timeout_s: float = 60.0) -> None:
+    """``send_offsets_to_transaction`` with a time limit (see ``finish_transaction``)."""
+    result = producer._transaction_manager.send_offsets_to_transaction(offsets, group_metadata)
+    producer._sender.wakeup()
+    if not result.wait(timeout_ms=int(timeout_s * 1000)):
+        raise KafkaTimeoutError(f"transaction offsets not acknowledged within {timeout_s:g}s")
 
 
 def make_consumer(cfg: KafkaConfig, *topics: str, group_id: str | None, **overrides: Any) -> KafkaConsumer:

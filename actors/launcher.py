@@ -81,11 +81,14 @@ class Progress:
 
     def __init__(self) -> None:
         self.stats: dict[str, dict[str, Any]] = {}
+        self.fresh: dict[str, dict[str, Any]] = {}
         self.t0 = time.time()
         self.timeline: list[dict[str, Any]] = []
         """One sample per poll: seconds since start, and per stage frames out, f/s and consumer lag."""
 
     def update(self, stats: list[dict[str, Any]]) -> None:
+        self.fresh = {s["name"]: s for s in stats}
+        """The actors that answered this round (a restarting one does not)."""
         for s in stats:
             self.stats[s["name"]] = s
 
@@ -114,16 +117,53 @@ class Progress:
         return " | ".join(parts)
 
     def streams_complete(self, stream_ids: list[str]) -> bool:
-        table: dict[str, Any] = {}
-        for s in self.stage("count"):
-            table.update(s.get("table") or {})
-        return all(table.get(sid, {}).get("complete") for sid in stream_ids)
+        # Any replica may hold an older copy of a stream it restored from the changelog but does
+        # not own; only the owner ever sees the stream complete.
+        complete = {sid for s in self.stage("count") for sid, t in (s.get("table") or {}).items() if t.get("complete")}
+        return all(sid in complete for sid in stream_ids)
+
+
+@dataclass
+class RunControl:
+    """Handed to ``on_tick`` about once a second while a run drains, to change the running
+    pipeline: add or remove replicas (``vapipe chaos`` injects its faults through it)."""
+
+    settings: Settings
+    progress: Progress
+    actors: dict[str, Any]
+    stage_refs: dict[str, Any]
+    cluster_gpus: float = 0.0
+
+    def add_replica(self, stage: str) -> str:
+        """Start one more replica of a stage; it joins the stage's consumer group (a rebalance)."""
+        taken = {int(n.rsplit("-", 1)[1]) for n in self.actors if n.startswith(f"{stage}-")}
+        name = f"{stage}-{next(i for i in range(len(taken) + 1) if i not in taken)}"
+        self.actors[name], self.stage_refs[name] = _launch_stage(self.settings, stage, name, self.cluster_gpus)
+        return name
+
+    def remove_replica(self, name: str) -> None:
+        """Kill a replica for good (no restart); the group hands its partitions to the others."""
+        import ray
+
+        handle = self.actors.pop(name)
+        self.stage_refs.pop(name, None)
+        self.progress.stats.pop(name, None)
+        ray.kill(handle, no_restart=True)
+
+
+def _launch_stage(settings: Settings, stage: str, name: str, cluster_gpus: float) -> tuple[Any, Any]:
+    import ray
+
+    cfg = getattr(settings, stage)
+    handle = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, cluster_gpus)).remote(stage, settings, name)
+    return handle, handle.run.remote()
 
 
 def run_pipeline(
     settings: Settings,
     plan: RunPlan,
     on_progress: Callable[[Progress], None] | None = None,
+    on_tick: Callable[[RunControl], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline on a Ray cluster and return the run summary.
 
@@ -143,12 +183,9 @@ def run_pipeline(
         gpus = float(ray.cluster_resources().get("GPU", 0))
         stage_refs: dict[str, Any] = {}
         for stage in STAGES:
-            cfg = getattr(settings, stage)
             for i in range(plan.replicas[stage]):
                 name = f"{stage}-{i}"
-                handle = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, gpus)).remote(stage, settings, name)
-                actors[name] = handle
-                stage_refs[name] = handle.run.remote()
+                actors[name], stage_refs[name] = _launch_stage(settings, stage, name, gpus)
         _wait_ready(settings, actors, stage_refs, timeout_s=plan.stall_timeout_s)
         producers: dict[str, Any] = {}
         # This run's streams have no frames older than this (a minute of slack for clocks across
@@ -165,7 +202,8 @@ def run_pipeline(
         t0 = time.time()
         producer_refs = {name: h.run.remote() for name, h in producers.items()}
         progress = Progress()
-        produced = _drain(settings, plan, actors, producer_refs, stage_refs, progress, on_progress)
+        control = RunControl(settings, progress, actors, stage_refs, gpus)
+        produced = _drain(settings, plan, actors, producer_refs, stage_refs, progress, on_progress, on_tick and (lambda: on_tick(control)))
         wall = time.time() - t0
         for handle in actors.values():
             handle.stop.remote()
@@ -192,6 +230,7 @@ def _drain(
     stage_refs: dict[str, Any],
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
+    on_tick: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Watch the actors until every stream is fully processed; returns the producers' results."""
     import ray
@@ -226,6 +265,8 @@ def _drain(
         progress.sample()
         if on_progress is not None:
             on_progress(progress)
+        if on_tick is not None:
+            on_tick()
         line = progress.line()
         if line != last_line:
             last_change, last_line = time.monotonic(), line

@@ -30,6 +30,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata
 
+from actors.kafka_io import finish_transaction, send_offsets_in_transaction
 from pipeline.config import Settings
 from pipeline.errors import BrokerError, DecodeError, SinkError
 
@@ -232,8 +233,8 @@ class StageWorker:
             self._dead_letters = []
             if self.exactly_once:
                 assert self.consumer is not None
-                self.producer.send_offsets_to_transaction(self.offsets(records), self.consumer.group_metadata())
-                self.producer.commit_transaction()
+                send_offsets_in_transaction(self.producer, self.offsets(records), self.consumer.group_metadata())
+                finish_transaction(self.producer, commit=True)
             elif futures:
                 self.producer.flush(timeout=60)
             for future in futures:
@@ -263,7 +264,7 @@ class StageWorker:
         if self.producer is None:
             return
         try:
-            self.producer.abort_transaction()
+            finish_transaction(self.producer, commit=False, timeout_s=10)
         except Exception as exc:  # broker gone, or the transaction is in a fatal state
             logger.warning("%s: abort failed (%s); recreating the transactional producer", self.name, exc)
             try:

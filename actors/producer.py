@@ -23,7 +23,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from actors.kafka_io import make_consumer, make_producer, send_record, topic_partitions
+from actors.kafka_io import finish_transaction, make_consumer, make_producer, send_record, topic_partitions
 from pipeline.codecs import decode_frame, encode_end_of_stream, encode_frame, encode_jpeg, fit_jpeg
 from pipeline.config import Settings
 from pipeline.errors import BrokerError, SourceError
@@ -304,7 +304,7 @@ class _Transaction:
         if self.open_since is None:
             return
         if self.transactional:
-            self.producer.commit_transaction()
+            finish_transaction(self.producer, commit=True)
         else:
             self.producer.flush()
         self.open_since = None

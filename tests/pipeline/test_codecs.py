@@ -364,3 +364,17 @@ def test_pickle_is_not_used() -> None:
         decode_detections(pickled)
     with pytest.raises(DecodeError):
         decode_jpeg(pickled)
+
+
+def test_fit_jpeg_lowers_quality_then_halves_size_until_it_fits() -> None:
+    from pipeline.codecs import encode_jpeg, fit_jpeg
+
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)  # noise compresses badly
+    full = len(encode_jpeg(noisy, 90))
+    jpeg, w, h = fit_jpeg(noisy, 90, full - 1)  # type: ignore[misc]
+    assert len(jpeg) < full and (w, h) in ((320, 240), (160, 120))
+    small, w, h = fit_jpeg(noisy, 90, 8000)  # type: ignore[misc]
+    assert len(small) <= 8000 and w < 320 and abs(w / h - 320 / 240) < 0.05
+    assert decode_jpeg(small).shape == (h, w, 3)
+    assert fit_jpeg(noisy, 90, 100) is None  # not even the smallest size fits
