@@ -391,14 +391,14 @@ def chaos_cmd(
     result = chaos(s, source or _default_video(), frames, chosen, replicas, restart, on_progress=_progress_printer())
     folder = write_report(result, out)
     cols = ("fault", "frames_produced", "frames_counted", "lost", "counted_twice", "duplicates_on_c",
-            "crops_expected", "crops_written", "dead_lettered", "recovery_s")
+            "crops_expected", "crops_written", "table_match", "dead_lettered", "recovery_s")
     typer.echo(" | ".join(cols))
     for row in result["rows"]:
         typer.echo(" | ".join(str(row.get(c)) for c in cols))
     typer.echo(f"report: {folder / 'README.md'}", err=True)
-    bad = [r["fault"] for r in result["rows"] if r["lost"] or r["counted_twice"] or not r["crops_match"]]
+    bad = [r["fault"] for r in result["rows"] if r["lost"] or r["counted_twice"] or not (r["crops_match"] and r["table_match"])]
     if bad:
-        raise PipelineError(f"faults that lost, double-counted or changed crops: {', '.join(bad)}")
+        raise PipelineError(f"faults that lost or double-counted frames, or changed the crops or the table: {', '.join(bad)}")
 
 
 def _ints(text: str) -> list[int]:

@@ -8,7 +8,8 @@ actors' own counters:
 - counted twice: frames with more than one committed count update;
 - duplicates on C: frames with more than one committed detection record (zero under
   exactly_once; under at_least_once the table absorbs them);
-- crops: the crop corpus of the run against that of an undisturbed run of the same input.
+- crops and table: the crop corpus and the vehicle totals of the run against those of an
+  undisturbed run of the same input.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def run_fault(
             injected=injector.fired_at is not None,
             wall_s=summary["wall_s"],
             notes=" ".join(injector.notes),
+            vehicle_totals=summary["vehicle_totals"],
         )
         return row, crops
     finally:
@@ -206,13 +208,15 @@ def chaos(
     started = connect(settings.ray, include_dashboard=False)
     rows: list[dict[str, Any]] = []
     reference: set[tuple[int, int, str]] | None = None
+    reference_table: dict[str, int] = {}
     try:
         for fault in (["none"] + [f for f in faults if f != "none"]):
             row, crops = run_fault(settings, video, frames, fault, replicas, restart_broker, on_progress)
             if reference is None:
-                reference = crops
+                reference, reference_table = crops, row["vehicle_totals"]
             row["crops_expected"] = len(reference)
             row["crops_match"] = crops == reference
+            row["table_match"] = row["vehicle_totals"] == reference_table
             rows.append(row)
             logger.warning("chaos %s: %s", fault, {k: row[k] for k in ("lost", "counted_twice", "crops_written", "recovery_s")})
     finally:

@@ -64,8 +64,7 @@ def free_port() -> int:
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a real broker: $VAPIPE_TEST_BOOTSTRAP (CI starts one) or a private one."""
     from actors.kafka_io import check_broker
-    from cluster.broker import KafkaBroker
-    from pipeline.config import BrokerConfig, KafkaConfig
+    from pipeline.config import KafkaConfig
     from pipeline.errors import BrokerError
 
     given = os.environ.get("VAPIPE_TEST_BOOTSTRAP")
@@ -78,14 +77,26 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     if IN_CI:
         _missing("CI=true but VAPIPE_TEST_BOOTSTRAP is not set: .ci/run must start the broker")
-    cfg = BrokerConfig(port=free_port(), controller_port=free_port(), state_dir=str(tmp_path_factory.mktemp("kafka")), heap="512m")
-    broker = KafkaBroker(cfg)
+    with private_broker(tmp_path_factory.mktemp("kafka")) as broker:
+        yield broker.bootstrap
+
+
+@contextmanager
+def private_broker(state_dir: Path) -> Iterator[Any]:
+    """A broker of the caller's own on free ports (a test may stop and restart it)."""
+    from cluster.broker import KafkaBroker
+    from pipeline.config import BrokerConfig
+    from pipeline.errors import BrokerError
+
+    broker = KafkaBroker(BrokerConfig(port=free_port(), controller_port=free_port(), state_dir=str(state_dir), heap="512m"))
     try:
         broker.start()
     except BrokerError as exc:
         _missing(f"could not start a test broker: {exc}")
-    yield broker.bootstrap
-    broker.stop()
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture

@@ -74,8 +74,14 @@ def test_poison_records_are_skipped_and_counted(make_settings, highway: str) -> 
     assert inter["poison"] == 3 and inter["dead_lettered"] == 3 and inter["frames_out"] == 3
     count = CountWorker(s, "count-0").run(max_messages=5, timeout_s=60)
     assert count["poison"] == 1 and count["dead_lettered"] == 1 and count["table"]["hw"]["frames_applied"] == 3
+    poison_b = make_producer(s.kafka)
+    poison_b.send(s.topics.detected_frames.name, value=b"junk", headers=[("vapipe-type", b"frame"), ("schema_version", b"1")])
+    poison_b.flush()
+    poison_b.close()
+    crop = CropWorker(s, "crop-0").run(idle_timeout_s=5, timeout_s=60)
+    assert crop["poison"] == 1 and crop["dead_lettered"] == 1 and crop["frames_out"] == 3
     dead = read_all(s.kafka, s.topics.dead_letter.name)
-    assert len(dead) == 4
+    assert len(dead) == 5
     by_value = {r.value: dict(r.headers) for r in dead}
     assert b"not a jpeg" in by_value and b"not a decodable image" in by_value[b"not a jpeg"]["vapipe-dlq-reason"]
     assert by_value[b"{not json"]["vapipe-dlq-stage"] == b"count"

@@ -10,9 +10,7 @@ import pytest
 
 from actors.chaos import FAULTS, chaos
 from cluster.broker import KafkaBroker
-from pipeline.config import BrokerConfig
-from pipeline.errors import BrokerError
-from tests.conftest import _missing, free_port
+from tests.conftest import private_broker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
 
@@ -20,14 +18,8 @@ pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark
 @pytest.fixture(scope="module")
 def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
     """A broker of this module's own, so one test may stop and restart it."""
-    cfg = BrokerConfig(port=free_port(), controller_port=free_port(), state_dir=str(tmp_path_factory.mktemp("chaos-kafka")), heap="512m")
-    broker = KafkaBroker(cfg)
-    try:
-        broker.start()
-    except BrokerError as exc:
-        _missing(f"could not start a broker for the chaos tests: {exc}")
-    yield broker
-    broker.stop()
+    with private_broker(tmp_path_factory.mktemp("chaos-kafka")) as broker:
+        yield broker
 
 
 def _restart(broker: KafkaBroker) -> None:
@@ -46,7 +38,7 @@ def test_every_fault_loses_nothing_and_counts_nothing_twice(ray_local, make_sett
         assert row["frames_produced"] == 60, row
         assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == 60, row
         assert row["duplicates_on_c"] == 0, row  # exactly-once from A to C
-        assert row["crops_match"], row
+        assert row["crops_match"] and row["table_match"], row
         if fault != "none":
             assert row["recovery_s"] is not None, row
 
@@ -55,4 +47,4 @@ def test_at_least_once_loses_nothing_when_an_inter_consumer_dies(ray_local, make
     s = make_settings(processing_guarantee="at_least_once", producer__fps=15)
     result = chaos(s, highway, frames=45, faults=["kill-inter", "kill-count"], replicas=2)
     for row in result["rows"]:
-        assert row["lost"] == 0 and row["counted_twice"] == 0 and row["crops_match"], row
+        assert row["lost"] == 0 and row["counted_twice"] == 0 and row["crops_match"] and row["table_match"], row
