@@ -331,8 +331,8 @@ class FaustStage:
                 high = self.app.consumer.highwater(tp)
             except Exception:
                 high = None
-            if high is not None:
-                lag += max(int(high) - self._positions.get(tp.partition, 0), 0) if tp.partition in self._positions else 0
+            if high is not None and tp.partition in self._positions:  # a partition not read yet shows no lag
+                lag += max(int(high) - self._positions[tp.partition], 0)
         self.worker.assigned = len(assigned)
         self.worker._lag = lag
         recovered = True

@@ -75,3 +75,34 @@ def test_count_worker_runs_unchanged_behind_the_collecting_producer() -> None:
     snapshot = decode_json(next(r.value for t, r, _ in sent if t == s.topics.counts_changelog.name))
     assert snapshot["totals"] == {"car": 1} and snapshot["frames_applied"] == 1
     assert producer.take() == []
+
+
+def test_faust_status_reads_the_latest_run(tmp_path) -> None:
+    import json
+
+    from actors.faust_engine import faust_status
+    from pipeline.errors import PipelineError
+
+    s = Settings(output_dir=str(tmp_path))
+    with pytest.raises(PipelineError, match="no Faust run found"):
+        faust_status(s)
+    run = tmp_path / "faust" / "r1"
+    run.mkdir(parents=True)
+    (tmp_path / "faust" / "latest").symlink_to("r1")
+    (run / "settings.json").write_text("{}")
+    (run / "count-0.json").write_text(json.dumps({"name": "count-0", "frames_out": 3}))
+    (run / "producer-a.result.json").write_text("{}")
+    assert faust_status(s) == [{"name": "count-0", "frames_out": 3}]
+
+
+def test_cli_rejects_an_unknown_engine_in_one_line() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "cli", "run", "--source", "demo", "--engine", "flink"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: invalid --engine 'flink'")
+    assert "Traceback" not in proc.stderr
