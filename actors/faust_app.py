@@ -288,13 +288,16 @@ class FaustStage:
             update = decode_json(rec.value)
         except DecodeError:
             return
-        _capture_ts.set(float(update.get("capture_ts") or time.time()))
+        ts = float(update.get("capture_ts") or time.time())
+        _capture_ts.set(ts)
+        # The oldest hopping window that holds this frame: the vehicles of the last window_s seconds.
+        last_window = self.windowed.table.window.earliest(ts)
         stream_id = str(update.get("stream_id"))
         view = self._windowed_view.setdefault(stream_id, {})
         for label, n in (update.get("in_frame") or {}).items():
             key = f"{stream_id}/{label}"
             self.windowed[key] += int(n)
-            view[label] = int(self.windowed[key].value())
+            view[label] = int(self.windowed[key][last_window])
 
     # -- bookkeeping ---------------------------------------------------------
     def _done(self, records: list[EventRecord]) -> None:

@@ -195,8 +195,8 @@ class FaustConfig(_Frozen):
 
     window_s: float = Field(10.0, gt=0)
     """Size of the hopping window of the time-windowed moving count, in seconds of capture time."""
-    window_step_s: float = Field(2.0, gt=0)
-    """Step of that hopping window (equal to window_s makes it tumbling)."""
+    window_step_s: float = Field(2.0, ge=1)
+    """Step of that hopping window, whole seconds (equal to window_s makes it tumbling)."""
     window_expires_s: float = Field(60.0, gt=0)
     """How long a closed window stays readable in the windowed table."""
     commit_interval_s: float = Field(1.0, gt=0)
