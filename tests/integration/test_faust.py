@@ -139,3 +139,22 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
     assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_above"] == []
     # No frame counted twice: the totals equal a direct count of C's vehicles above 0.5.
     assert table["totals"] == summary["vehicles"]["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
+
+
+def test_compare_bench_runs_both_engines_and_writes_report(faust_installed, ray_local, make_settings, highway: str, tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from actors.bench import compare_engines
+    from actors.report import write_report
+
+    s = make_settings()
+    result = compare_engines(s, ["ray", "faust"], [1, 2], frames=24, repeat=1, models=["sleep:5ms"], video=highway)
+    assert [(t["engine"], t["replicas"]) for t in result["table"]] == [("ray", 1), ("ray", 2), ("faust", 1), ("faust", 2)]
+    assert all(row["frames"] == 24 for row in result["rows"])
+    assert all(t["fps_mean"] > 0 and t["speedup"] > 0 and t["rss_mb_per_worker"] > 0 for t in result["table"])
+    assert [t["fps_vs_ray"] for t in result["table"] if t["engine"] == "ray"] == [1.0, 1.0]
+    out = write_report(result, tmp_path / "compare", command=["vapipe", "bench", "compare"])
+    assert (out / "compare.png").stat().st_size > 1000
+    assert json.loads((out / "compare.json").read_text())["benchmark"] == "compare"
+    assert len(list(csv.DictReader(open(out / "compare.csv")))) == 4
