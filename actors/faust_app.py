@@ -18,8 +18,8 @@ count is written twice; the topics and the message format are the Ray engine's.
 Delivery: Faust acks an event only after the agent has finished with it, flushes
 its producer, then commits (at-least-once). A batch that fails ends the worker
 process *before* its events are acked; the engine restarts it and it resumes at
-the last commit. With ``processing_guarantee: exactly_once`` Faust wraps each
-source partition's outputs, table writes and offsets in one Kafka transaction.
+the last commit. Faust's own exactly_once (a transaction per source partition)
+crashes in faust-streaming 0.15.3, so this engine refuses it (see ``faust_guarantee``).
 """
 
 from __future__ import annotations
@@ -47,8 +47,14 @@ logger = logging.getLogger(__name__)
 
 WORKERS: dict[str, type[StageWorker]] = {"inter": InterWorker, "crop": CropWorker, "count": CountWorker}
 
-FAUST_GUARANTEES = {"at_least_once": "at_least_once", "exactly_once": "exactly_once"}
-"""vapipe's processing_guarantee values and Faust's name for each."""
+FAUST_GUARANTEES = {"at_least_once": "at_least_once"}
+"""vapipe's processing_guarantee values the Faust engine runs, and Faust's name for each."""
+
+FAUST_EXACTLY_ONCE_BROKEN = (
+    "faust-streaming 0.15.3's processing_guarantee='exactly_once' crashes on partition assignment "
+    "(KeyError in its assignor's group_for_topic; upstream issue faust-streaming/faust#440), "
+    "so the Faust engine runs at_least_once only; use --engine ray for exactly-once"
+)
 
 _capture_ts: contextvars.ContextVar[float] = contextvars.ContextVar("vapipe_capture_ts", default=0.0)
 
@@ -60,6 +66,8 @@ def faust_guarantee(settings: Settings) -> str:
         ConfigError: a guarantee Faust does not offer.
     """
     wanted = str(settings.processing_guarantee)
+    if wanted == "exactly_once":
+        raise ConfigError(FAUST_EXACTLY_ONCE_BROKEN)
     try:
         return FAUST_GUARANTEES[wanted]
     except KeyError:
@@ -159,6 +167,8 @@ class FaustStage:
         self.worker.producer = self.producer  # type: ignore[assignment]
         self.started_at = time.time()
         self.crashed: str | None = None
+        self.stopped = False
+        """Set once the Faust worker has shut down, for the last stats written."""
         self._positions: dict[int, int] = {}
         cfg = settings.faust
         detections = settings.topics.detections
@@ -349,7 +359,7 @@ class FaustStage:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "crashed": self.crashed,
         }
-        out["running"] = self.crashed is None
+        out["running"] = self.crashed is None and not self.stopped
         if self.stage == "count":
             out["latencies_ms"] = [round(v, 2) for v in self.worker.latencies_ms]  # type: ignore[attr-defined]
             out["moving_window"] = {"size_s": self.settings.faust.window_s, "step_s": self.settings.faust.window_step_s,

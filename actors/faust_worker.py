@@ -47,6 +47,7 @@ def run_stage(stage: str, name: str, run_dir: Path) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     finally:
+        shell.stopped = True
         shell._write_stats_now()
     return 0
 

@@ -87,14 +87,15 @@ def _compare_plots(result: dict[str, Any], out: Path) -> list[str]:
     engines = list(dict.fromkeys(t["engine"] for t in table))
     fig, axes = plt.subplots(len(models), 4, figsize=(15, 3.2 * len(models)), dpi=80, squeeze=False)
     for row, model in enumerate(models):
-        for engine in engines:
+        for i, engine in enumerate(engines):
             pts = [t for t in table if t["model"] == model and t["engine"] == engine]
             reps = [t["replicas"] for t in pts]
-            axes[row][0].plot(reps, [t["fps_mean"] for t in pts], "o-", label=engine)
-            axes[row][1].plot(reps, [t["speedup"] for t in pts], "o-", label=engine)
-            axes[row][2].plot(reps, [t["latency_p50_ms"] for t in pts], "o-", label=f"{engine} p50")
-            axes[row][2].plot(reps, [t["latency_p99_ms"] for t in pts], "x--", label=f"{engine} p99")
-            axes[row][3].plot(reps, [t["rss_mb_per_worker"] for t in pts], "o-", label=engine)
+            color = f"C{i}"
+            axes[row][0].plot(reps, [t["fps_mean"] for t in pts], "o-", color=color, label=engine)
+            axes[row][1].plot(reps, [t["speedup"] for t in pts], "o-", color=color, label=engine)
+            axes[row][2].plot(reps, [t["latency_p50_ms"] for t in pts], "o-", color=color, label=f"{engine} p50")
+            axes[row][2].plot(reps, [t["latency_p99_ms"] for t in pts], "x--", color=color, label=f"{engine} p99")
+            axes[row][3].plot(reps, [t["rss_mb_per_worker"] for t in pts], "o-", color=color, label=engine)
         reps = sorted({t["replicas"] for t in table})
         axes[row][1].plot(reps, reps, "--", color="grey", label="ideal")
         short = Path(model).name

@@ -41,6 +41,11 @@ def test_faust_guarantee_maps_the_configured_one() -> None:
     odd = Settings().model_copy(update={"processing_guarantee": "at_most_once"})
     with pytest.raises(ConfigError, match="no Faust equivalent"):
         faust_guarantee(odd)
+    # Faust's exactly_once crashes on assignment (faust-streaming#440): refused in one line, naming why.
+    eos = Settings().model_copy(update={"processing_guarantee": "exactly_once"})
+    with pytest.raises(ConfigError, match="faust-streaming/faust#440") as err:
+        faust_guarantee(eos)
+    assert "\n" not in str(err.value) and "--engine ray" in str(err.value)
 
 
 def test_settings_travel_to_a_worker_process_with_their_secret() -> None:
