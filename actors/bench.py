@@ -356,9 +356,6 @@ def compare_engines(
     if unknown or not engines:
         raise ConfigError(f"unknown engine(s) {unknown}: expected a comma-separated subset of {list(ENGINES)}")
     check_broker(settings.kafka)
-    if "faust" in engines:
-        # Both engines at the one guarantee Faust can run (faust-streaming#440), so they compare like for like.
-        settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
     rows: list[dict[str, Any]] = []
     for rep in range(repeat):
         for model in models:

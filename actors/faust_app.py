@@ -53,8 +53,7 @@ FAUST_GUARANTEES = {"at_least_once": "at_least_once"}
 FAUST_EXACTLY_ONCE_BROKEN = (
     "faust-streaming 0.15.3's processing_guarantee='exactly_once' crashes on partition assignment "
     "(KeyError in its assignor's group_for_topic; upstream issue faust-streaming/faust#440), "
-    "so the Faust engine runs at_least_once only: add --set processing_guarantee=at_least_once, "
-    "or use --engine ray for exactly-once"
+    "so the Faust engine runs at_least_once only; use --engine ray for exactly-once"
 )
 
 _capture_ts: contextvars.ContextVar[float] = contextvars.ContextVar("vapipe_capture_ts", default=0.0)

@@ -37,7 +37,7 @@ def test_parse_engines_names_the_valid_choices(text: str) -> None:
 
 
 def test_faust_guarantee_maps_the_configured_one() -> None:
-    assert faust_guarantee(Settings(processing_guarantee="at_least_once")) == "at_least_once"
+    assert faust_guarantee(Settings()) == "at_least_once"
     odd = Settings().model_copy(update={"processing_guarantee": "at_most_once"})
     with pytest.raises(ConfigError, match="no Faust equivalent"):
         faust_guarantee(odd)

@@ -25,9 +25,6 @@ from tests.integration.test_pipeline import detections_on_c, reference_detection
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
 
-AT_LEAST_ONCE = {"processing_guarantee": "at_least_once"}
-"""The Faust engine runs at-least-once only (faust-streaming#440); the Ray engine defaults to exactly-once."""
-
 VEHICLES = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
 
 
@@ -36,7 +33,7 @@ def faust_installed() -> None:
     try:
         import faust  # noqa: F401
     except ImportError as exc:
-        _missing(f"faust-streaming is not installed ({exc}); `make setup` installs it")
+        _missing(f"faust-streaming is not installed ({exc}); `make setup` installs requirements-faust.txt")
 
 
 def run(settings: Settings, engine: str, sources: list[str], inter: int = 1, crop: int = 1, count: int = 1,
@@ -61,7 +58,7 @@ def direct_vehicle_count(detections: dict[int, Any]) -> dict[str, int]:
 def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_settings, highway: str, inter: int) -> None:
     frames = 150
     # A window far longer than the clip's capture time: the time-windowed count then holds every frame.
-    s = make_settings(producer__max_frames=frames, faust__window_s=600, faust__window_step_s=60, **AT_LEAST_ONCE)
+    s = make_settings(producer__max_frames=frames, faust__window_s=600, faust__window_step_s=60)
     replicas = 2 if inter == 3 else 1
     summary = run(s, "faust", [f"hw={highway}"], inter=inter, crop=replicas, count=replicas)
 
@@ -104,8 +101,8 @@ def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_setting
 @pytest.mark.parametrize("engine", ["inter=ray,crop=faust,count=faust", "inter=faust,crop=ray,count=ray"])
 def test_mixed_engines_build_the_same_table_as_all_ray(faust_installed, ray_local, make_settings, highway: str, engine: str) -> None:
     frames = 60
-    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
-    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
+    ray_settings = make_settings(producer__max_frames=frames)
+    mixed_settings = make_settings(producer__max_frames=frames)
     all_ray = run(ray_settings, "ray", [f"hw={highway}"], inter=2)
     mixed = run(mixed_settings, engine, [f"hw={highway}"], inter=2, count=2)
 
@@ -120,7 +117,7 @@ def test_mixed_engines_build_the_same_table_as_all_ray(faust_installed, ray_loca
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
     frames = 150
-    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE)
+    s = make_settings(producer__max_frames=frames, producer__fps=15)
     killed: list[str] = []
 
     def kill_the_owner(progress: Any) -> None:
@@ -151,7 +148,7 @@ def test_compare_bench_runs_both_engines_and_writes_report(faust_installed, ray_
     from actors.bench import compare_engines
     from actors.report import write_report
 
-    s = make_settings(**AT_LEAST_ONCE)
+    s = make_settings()
     result = compare_engines(s, ["ray", "faust"], [1, 2], frames=24, repeat=1, models=["sleep:5ms"], video=highway)
     assert [(t["engine"], t["replicas"]) for t in result["table"]] == [("ray", 1), ("ray", 2), ("faust", 1), ("faust", 2)]
     assert all(row["frames"] == 24 for row in result["rows"])
