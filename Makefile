@@ -12,11 +12,10 @@ DEMO_MODEL ?= $(if $(wildcard $(SHARED)/models/yolov8n_int8.onnx),$(SHARED)/mode
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt requirements-faust.txt
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,bench]"
-	$(PY) -m pip install -q --no-deps -r requirements-faust.txt  # see the file for why --no-deps
 	touch $@
 
 kafka-jars: setup
