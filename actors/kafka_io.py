@@ -7,7 +7,7 @@ within ``kafka.connect_timeout_s`` with a message naming the address.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -28,6 +28,7 @@ __all__ = [
     "read_all",
     "end_offsets",
     "group_lag",
+    "records_in_range",
     "finish_transaction",
     "send_offsets_in_transaction",
 ]
@@ -217,16 +218,24 @@ def end_offsets(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int
     return dict(consumer.end_offsets([TopicPartition(topic, p) for p in sorted(partitions)]))
 
 
-def _records_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float = 3.0) -> int:
-    """Data records (committed, not markers) in offsets [start, end) of one partition."""
+def records_in_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float) -> Iterator[Any]:
+    """The records of one partition in offsets [start, end), polled by an assigned consumer.
+
+    Stops at ``end`` or after ``timeout_s``; the caller checks ``consumer.position(tp) >= end``
+    to know which.
+    """
     import time
 
     consumer.assign([tp])
     consumer.seek(tp, start)
-    found = 0
     deadline = time.monotonic() + timeout_s
     while consumer.position(tp) < end and time.monotonic() < deadline:
-        found += sum(1 for r in consumer.poll(timeout_ms=200).get(tp, []) if r.offset < end)
+        yield from (r for r in consumer.poll(timeout_ms=200).get(tp, []) if r.offset < end)
+
+
+def _records_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float = 3.0) -> int:
+    """Data records (committed, not markers) in offsets [start, end) of one partition."""
+    found = sum(1 for _ in records_in_range(consumer, tp, start, end, timeout_s))
     return found if consumer.position(tp) >= end else max(found, 1)
 
 

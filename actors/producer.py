@@ -23,10 +23,10 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from actors.kafka_io import finish_transaction, make_consumer, make_producer, send_record, topic_partitions
+from actors.kafka_io import finish_transaction, make_consumer, make_producer, records_in_range, send_record, topic_partitions
 from pipeline.codecs import decode_frame, encode_end_of_stream, encode_frame, encode_jpeg, fit_jpeg
 from pipeline.config import Settings
-from pipeline.errors import BrokerError, SourceError
+from pipeline.errors import BrokerError, DecodeError, SourceError
 from pipeline.messages import EndOfStream, FrameMeta
 from pipeline.sources import SourceSpec, VideoSource
 
@@ -88,19 +88,15 @@ def stream_progress(settings: Settings, stream_id: str, since_ms: int | None = N
 def _scan_partition(consumer: Any, tp: Any, lo: int, end: int, stream_id: str) -> tuple[int, bool]:
     """Highest frame index of the stream in offsets [lo, end), and whether its end-of-stream is there."""
     highest, eos = -1, False
-    consumer.seek(tp, lo)
-    deadline = time.monotonic() + 60
-    while consumer.position(tp) < end and time.monotonic() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            for r in records:
-                try:
-                    item = decode_frame(r.value, r.headers)
-                except Exception:  # a poison record is the consumers' business, not ours
-                    continue
-                if isinstance(item, EndOfStream):
-                    eos = eos or item.stream_id == stream_id
-                elif item[0].stream_id == stream_id:
-                    highest = max(highest, item[0].frame_index)
+    for r in records_in_range(consumer, tp, lo, end, timeout_s=60):
+        try:
+            item = decode_frame(r.value, r.headers)
+        except DecodeError:  # a poison record is the consumers' business, not ours
+            continue
+        if isinstance(item, EndOfStream):
+            eos = eos or item.stream_id == stream_id
+        elif item[0].stream_id == stream_id:
+            highest = max(highest, item[0].frame_index)
     return highest, eos
 
 
