@@ -220,9 +220,15 @@ def _progress_printer() -> Any:
 
 
 def _run(s: Settings, sources: list[str], inter: int | None, crop: int | None, count: int | None,
-         follow: bool, calibration: bool, include_dashboard: bool = True) -> dict[str, Any]:
+         follow: bool, calibration: bool, include_dashboard: bool = True, engine: str = "ray") -> dict[str, Any]:
     from actors.launcher import RunPlan, run_pipeline
     from pipeline.sources import parse_source
+
+    engines = None
+    if engine != "ray":
+        from actors.faust_engine import parse_engines
+
+        engines = parse_engines(engine)  # a typo fails before anything starts
 
     plan = RunPlan(
         sources=[parse_source(x) for x in sources],
@@ -231,7 +237,12 @@ def _run(s: Settings, sources: list[str], inter: int | None, crop: int | None, c
         allow_calibration=calibration,
         include_dashboard=include_dashboard,
     )
-    summary = run_pipeline(s, plan, on_progress=_progress_printer())
+    if engines is None:
+        summary = run_pipeline(s, plan, on_progress=_progress_printer())
+    else:
+        from actors.faust_engine import run_engines
+
+        summary = run_engines(s, plan, engines, on_progress=_progress_printer())
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     return summary
@@ -249,15 +260,24 @@ def run(
     model: Annotated[Optional[str], typer.Option(help="Ultralytics model name or path.")] = None,
     follow: Annotated[bool, typer.Option(help="Keep running for endless streams until Ctrl-C, then drain.")] = False,
     calibration: Annotated[bool, typer.Option(help="Allow the sleep:Nms calibration detector.")] = False,
+    engine: Annotated[str, typer.Option(help="ray, faust, or per stage: inter=ray,crop=faust,count=faust.")] = "ray",
 ) -> None:
-    """Run the whole pipeline on Ray with N replicas per stage; prints and writes a JSON summary."""
+    """Run the whole pipeline with N replicas per stage (Ray actors or Faust workers); prints and writes a JSON summary."""
     s = settings(**{"ray.address": address, "producer.fps": fps, "producer.max_frames": max_frames, "model.name": model})
-    _echo_json(_run(s, source, inter, crop, count, follow, calibration))
+    _echo_json(_run(s, source, inter, crop, count, follow, calibration, engine=engine))
 
 
 @app.command()
-def status(address: Annotated[str, typer.Option(help="Ray cluster to ask.")] = "auto") -> None:
-    """Load of every running vapipe actor (frames, frames/s, lag, node, GPU)."""
+def status(
+    address: Annotated[str, typer.Option(help="Ray cluster to ask.")] = "auto",
+    engine: Annotated[str, typer.Option(help="ray (ask the cluster) or faust (the latest Faust run's workers).")] = "ray",
+) -> None:
+    """Load of every running vapipe actor or Faust worker (frames, frames/s, lag, node, GPU)."""
+    if engine == "faust":
+        _faust_status()
+        return
+    if engine != "ray":
+        raise PipelineError(f"invalid --engine {engine!r}: expected ray or faust")
     import ray
 
     from cluster.raycluster import NAMESPACE, connect
@@ -279,6 +299,20 @@ def status(address: Annotated[str, typer.Option(help="Ray cluster to ask.")] = "
             continue
         typer.echo(f"{name:<28}{st.get('frames_out', 0):>8}{st.get('fps', 0):>8}{str(st.get('lag', '-')):>8}  "
                    f"{st.get('node')} / {','.join(st.get('gpus') or []) or '-'} / {st.get('peak_rss_mb')} / {st.get('last_error') or 'ok'}")
+
+
+def _faust_status() -> None:
+    from actors.faust_engine import faust_status
+
+    rows = faust_status(settings())
+    if not rows:
+        typer.echo("the latest Faust run has no workers")
+        return
+    typer.echo(f"{'worker':<28}{'frames':>8}{'f/s':>8}{'lag':>8}  pid / peak MB / problem")
+    for st in rows:
+        state = st.get("last_error") or st.get("crashed") or ("ok" if st.get("running", True) else "stopped")
+        typer.echo(f"{st.get('name', '?'):<28}{st.get('frames_out', 0):>8}{st.get('fps', 0):>8}{str(st.get('lag', '-')):>8}  "
+                   f"{st.get('pid', '-')} / {st.get('peak_rss_mb', '-')} / {state}")
 
 
 @app.command()
@@ -462,6 +496,37 @@ def bench_sweep(
     folder = write_report(result, out)
     _echo_json([{k: r[k] for k in ("factor", "batch", "input_fps", "jpeg_quality", "fps", "latency_p50_ms", "agreement")} for r in result["rows"]])
     typer.echo(f"report: {folder / 'README.md'}", err=True)
+
+
+@bench_app.command("compare")
+def bench_compare(
+    engines: Annotated[str, typer.Option(help="Engines to compare, comma-separated.")] = "ray,faust",
+    replicas: Annotated[str, typer.Option(help="Replica counts, comma-separated.")] = "1,2,3",
+    frames: Annotated[int, typer.Option(help="Frames of the fixed input.")] = 300,
+    repeat: Annotated[int, typer.Option(help="Runs per engine, model and replica count.")] = 1,
+    models: Annotated[str, typer.Option(help="Models, comma-separated: the calibration detector and the real model.")] = "",
+    source: Annotated[str, typer.Option("--source", "-s")] = "",
+    out: OutOpt = Path("output/bench/compare"),
+) -> None:
+    """Strong scaling of each engine side by side: throughput, speedup, latency p50/p99, memory per worker."""
+    from actors.bench import compare_engines
+    from actors.report import write_report
+
+    model_list = [m.strip() for m in models.split(",") if m.strip()] or ["sleep:40ms", _default_model()]
+    engine_list = [e.strip() for e in engines.split(",") if e.strip()]
+    result = compare_engines(settings(), engine_list, _ints(replicas), frames, repeat, model_list,
+                             source or _default_video(), on_progress=_progress_printer())
+    folder = write_report(result, out)
+    _echo_json(result["table"])
+    typer.echo(f"report: {folder / 'README.md'}", err=True)
+
+
+def _default_model() -> str:
+    import os
+
+    shared = Path(os.environ.get("VAPIPE_SHARED", Path(__file__).resolve().parent.parent / "shared"))
+    onnx = shared / "models" / "yolov8n_int8.onnx"
+    return str(onnx) if onnx.is_file() else "yolov8n.pt"
 
 
 def _default_video() -> str:

@@ -310,3 +310,99 @@ def sweep(
 
             ray.shutdown()
     return {"benchmark": "sweep", "frames": frames, "video": video, "base": base, "rows": rows, **environment(settings)}
+
+
+# -- Ray versus Faust ---------------------------------------------------------
+STAGE_NAMES = ("inter", "crop", "count")
+
+
+def _worker_rss(summary: dict[str, Any]) -> dict[str, float]:
+    """Mean peak RSS (MB) of the stage workers (Ray actors or Faust processes), per stage and overall."""
+    by_stage: dict[str, list[float]] = {}
+    for a in summary["actors"].values():
+        if a.get("stage") in STAGE_NAMES and a.get("peak_rss_mb"):
+            by_stage.setdefault(a["stage"], []).append(float(a["peak_rss_mb"]))
+    out = {f"rss_mb_{stage}": round(statistics.fmean(v), 1) for stage, v in by_stage.items()}
+    every = [x for v in by_stage.values() for x in v]
+    out["rss_mb_per_worker"] = round(statistics.fmean(every), 1) if every else 0.0
+    return out
+
+
+def compare_engines(
+    settings: Settings,
+    engines: list[str],
+    replicas: list[int],
+    frames: int,
+    repeat: int,
+    models: list[str],
+    video: str,
+    on_progress: Callable[[Any], None] | None = None,
+) -> dict[str, Any]:
+    """Strong scaling (one stream of ``frames``, r replicas of every stage) for each engine and model, in one run.
+
+    Runs are interleaved engine by engine inside each (repeat, model, replicas) point, so
+    drift on a shared machine hits both engines alike. Every Ray run starts and stops its
+    own local Ray (as ``vapipe run`` does), so Faust runs do not share the CPUs with an idle Ray.
+
+    Returns:
+        ``{"benchmark": "compare", "table": [...], "rows": [...], ...}``; the table has, per model,
+        engine and replica count: mean frames/s, speedup over 1 replica, latency p50/p99 and
+        mean peak RSS per stage worker, plus ``fps_vs_ray`` (this engine's frames/s over Ray's).
+    """
+    from actors.faust_engine import ENGINES, run_engines
+    from pipeline.errors import ConfigError
+
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise ConfigError(f"unknown engine(s) {unknown}: expected a comma-separated subset of {list(ENGINES)}")
+    check_broker(settings.kafka)
+    if "faust" in engines:
+        # Both engines at the one guarantee Faust can run (faust-streaming#440), so they compare like for like.
+        settings = settings.model_copy(update={"processing_guarantee": "at_least_once"})
+    rows: list[dict[str, Any]] = []
+    for rep in range(repeat):
+        for model in models:
+            for r in replicas:
+                for engine in engines:
+                    s = isolated(settings.model_copy(update={"model": settings.model.model_copy(update={"name": model})}),
+                                 producer={"fps": 0.0, "max_frames": frames})
+                    plan = RunPlan(sources=[parse_source(video, stream_id="s0")],
+                                   replicas={"inter": r, "crop": r, "count": r}, include_dashboard=False, allow_calibration=True)
+                    try:
+                        summary = run_engines(s, plan, {stage: engine for stage in STAGE_NAMES}, on_progress=on_progress)
+                    finally:
+                        delete_topics(s.kafka, [getattr(s.topics, k).name for k in TOPIC_KEYS])
+                    rows.append(_row("compare", r, rep, summary, engine=engine, model=model, **_worker_rss(summary)))
+                    logger.warning("compare %s %s r=%d repeat %d: %.1f f/s", engine, model, r, rep, summary["frames_per_s"])
+    table: list[dict[str, Any]] = []
+    for model in models:
+        for engine in engines:
+            base: float | None = None
+            for r in replicas:
+                pts = [x for x in rows if x["model"] == model and x["engine"] == engine and x["replicas"] == r]
+                fps = statistics.fmean(x["fps"] for x in pts)
+                base = fps if base is None else base
+                table.append({
+                    "model": model, "engine": engine, "replicas": r, "runs": len(pts),
+                    "fps_mean": round(fps, 2),
+                    "speedup": round(fps / base * replicas[0], 3) if base else None,
+                    "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] or 0 for x in pts), 1),
+                    "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] or 0 for x in pts), 1),
+                    "rss_mb_per_worker": round(statistics.fmean(x["rss_mb_per_worker"] for x in pts), 1),
+                    "rss_mb_inter": round(statistics.fmean(x.get("rss_mb_inter", 0.0) for x in pts), 1),
+                })
+    ray_fps = {(t["model"], t["replicas"]): t["fps_mean"] for t in table if t["engine"] == "ray"}
+    for t in table:
+        ref = ray_fps.get((t["model"], t["replicas"]))
+        t["fps_vs_ray"] = round(t["fps_mean"] / ref, 3) if ref else None
+    env = environment(settings)
+    try:
+        import faust
+
+        env["versions"]["faust-streaming"] = faust.__version__
+        env["versions"]["aiokafka"] = __import__("aiokafka").__version__
+    except ImportError:
+        pass
+    env["model"] = ", ".join(models)
+    return {"benchmark": "compare", "engines": engines, "frames": frames, "repeat": repeat, "video": video,
+            "models": models, "table": table, "rows": rows, **env}

@@ -79,6 +79,37 @@ def _sweep_plots(result: dict[str, Any], out: Path) -> list[str]:
     return ["sweep.png"]
 
 
+def _compare_plots(result: dict[str, Any], out: Path) -> list[str]:
+    """One row per model: throughput, speedup (with ideal) and latency p50/p99 against replicas, a line per engine."""
+    plt = _plt()
+    table = result["table"]
+    models = list(dict.fromkeys(t["model"] for t in table))
+    engines = list(dict.fromkeys(t["engine"] for t in table))
+    fig, axes = plt.subplots(len(models), 4, figsize=(15, 3.2 * len(models)), dpi=80, squeeze=False)
+    for row, model in enumerate(models):
+        for i, engine in enumerate(engines):
+            pts = [t for t in table if t["model"] == model and t["engine"] == engine]
+            reps = [t["replicas"] for t in pts]
+            color = f"C{i}"
+            axes[row][0].plot(reps, [t["fps_mean"] for t in pts], "o-", color=color, label=engine)
+            axes[row][1].plot(reps, [t["speedup"] for t in pts], "o-", color=color, label=engine)
+            axes[row][2].plot(reps, [t["latency_p50_ms"] for t in pts], "o-", color=color, label=f"{engine} p50")
+            axes[row][2].plot(reps, [t["latency_p99_ms"] for t in pts], "x--", color=color, label=f"{engine} p99")
+            axes[row][3].plot(reps, [t["rss_mb_per_worker"] for t in pts], "o-", color=color, label=engine)
+        reps = sorted({t["replicas"] for t in table})
+        axes[row][1].plot(reps, reps, "--", color="grey", label="ideal")
+        short = Path(model).name
+        for ax, (ylabel, title) in zip(axes[row], [("frames/s", "throughput"), ("speedup", "speedup"),
+                                                   ("capture → count (ms)", "latency"), ("peak RSS (MB)", "memory per worker")]):
+            ax.set(xlabel="replicas per stage", ylabel=ylabel, title=f"{title} · {short}")
+            ax.set_xticks(reps)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "compare.png")
+    plt.close(fig)
+    return ["compare.png"]
+
+
 def _md_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -105,6 +136,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, command: list[str]
         plots = _scaling_plots(result, out)
     elif name == "sweep":
         plots = _sweep_plots(result, out)
+    elif name == "compare":
+        plots = _compare_plots(result, out)
     cmd = " ".join(shlex.quote(a) for a in (command or ["vapipe", *sys.argv[1:]]))
     md = [
         f"# {name} benchmark",

@@ -31,6 +31,7 @@ __all__ = [
     "CropConfig",
     "CountConfig",
     "RayConfig",
+    "FaustConfig",
     "Settings",
     "load_settings",
     "set_path",
@@ -194,6 +195,23 @@ class RayConfig(_Frozen):
     """CPUs of a local Ray (None: all of this machine)."""
 
 
+class FaustConfig(_Frozen):
+    """Knobs of the Faust engine (``vapipe run --engine faust``) that the Ray engine has no use for."""
+
+    window_s: float = Field(10.0, gt=0)
+    """Size of the hopping window of the time-windowed moving count, in seconds of capture time."""
+    window_step_s: float = Field(2.0, ge=1)
+    """Step of that hopping window, whole seconds (equal to window_s makes it tumbling)."""
+    window_expires_s: float = Field(60.0, gt=0)
+    """How long a closed window stays readable in the windowed table."""
+    commit_interval_s: float = Field(1.0, gt=0)
+    """How often each Faust worker commits the offsets of acknowledged events."""
+    standby_replicas: int = Field(0, ge=0)
+    """Faust standby copies of each table partition on other count workers (0: recover from the changelog)."""
+    max_restarts: int = Field(3, ge=0)
+    """A Faust worker process that dies is restarted this often (as Ray restarts an actor)."""
+
+
 class Settings(_Frozen):
     kafka: KafkaConfig = KafkaConfig()
     broker: BrokerConfig = BrokerConfig()
@@ -206,6 +224,7 @@ class Settings(_Frozen):
     crops: CropConfig = CropConfig()
     counting: CountConfig = CountConfig()
     ray: RayConfig = RayConfig()
+    faust: FaustConfig = FaustConfig()
     output_dir: str = "output"
     """Crops, index and run summaries go here."""
     group_prefix: str = "vapipe"

@@ -1,0 +1,444 @@
+"""`vapipe run --engine faust` (or a per-stage mix): the stages as Faust worker processes.
+
+Each Faust stage runs N worker processes (``actors.faust_worker``), one Faust app
+per stage whose id is the Ray engine's consumer group (``<prefix>-<stage>``), on
+the same topics and message format. A stage runs on one engine at a time (Faust
+and kafka-python use different group assignors), but the stages of one run may
+use different engines: ``inter=ray,crop=faust,count=faust``. An all-Ray run is
+handed to ``actors.launcher.run_pipeline`` unchanged.
+
+The run ends as a Ray run does: every producer has published its end-of-stream
+record, the count table (read from its changelog, which both engines share) has
+applied every frame of every stream, and the crop group has committed topic B.
+A Faust worker process that dies is restarted (``faust.max_restarts``), like a Ray
+actor; its table partitions recover from the changelog.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from actors.faust_app import settings_to_json
+from actors.kafka_io import check_broker, group_lag
+from actors.launcher import STAGES, Progress, RunPlan, _summary, _validate_model, _write_summary, run_pipeline, validate_sources
+from actors.stages import read_table
+from cluster.topics import create_topics
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, PipelineError
+
+__all__ = ["ENGINES", "parse_engines", "run_engines", "FaustProcess", "faust_status"]
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("ray", "faust")
+POLL_INTERVAL_S = 1.0
+ROOT = Path(__file__).resolve().parent.parent
+CARRIED = ("records_in", "frames_in", "frames_out", "poison", "dead_lettered", "detections", "end_of_streams", "duplicates", "retries")
+"""Counters summed over a restarted worker's lives."""
+
+
+def parse_engines(text: str) -> dict[str, str]:
+    """``ray``, ``faust`` or ``inter=ray,crop=faust,count=faust`` (stages left out run on ray).
+
+    Raises:
+        ConfigError: an unknown engine or stage.
+    """
+    text = text.strip()
+    if text in ENGINES:
+        return {stage: text for stage in STAGES}
+    out = {stage: "ray" for stage in STAGES}
+    for part in text.split(","):
+        stage, sep, engine = part.partition("=")
+        stage, engine = stage.strip(), engine.strip()
+        if not sep or stage not in STAGES or engine not in ENGINES:
+            raise ConfigError(f"invalid --engine {text!r}: expected one of {list(ENGINES)} or STAGE=ENGINE pairs "
+                              f"with STAGE in {list(STAGES)}, e.g. inter=ray,crop=faust,count=faust")
+        out[stage] = engine
+    return out
+
+
+def _python_env() -> dict[str, str]:
+    """The worker processes import this checkout, whatever the venv's editable install points at."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+class FaustProcess:
+    """One worker process (a Faust stage worker or a producer), restarted when it dies unasked."""
+
+    def __init__(self, name: str, stage: str, argv: list[str], run_dir: Path, max_restarts: int) -> None:
+        self.name = name
+        self.stage = stage
+        self.argv = argv
+        self.run_dir = run_dir
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self.carried: dict[str, Any] = {}
+
+    @property
+    def stats_path(self) -> Path:
+        return self.run_dir / f"{self.name}.json"
+
+    def start(self, new_session: bool = True) -> None:
+        log = open(self.run_dir / f"{self.name}.out", "ab")
+        # A new session: a Ctrl-C in the terminal stops the producers, never a stage in mid-drain.
+        self.proc = subprocess.Popen([sys.executable, "-m", "actors.faust_worker", *self.argv], cwd=str(ROOT),
+                                     env=_python_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
+        log.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def check(self) -> None:
+        """Restart a stage worker that died without being asked to stop.
+
+        Raises:
+            PipelineError: it died more than ``max_restarts`` times.
+        """
+        if self.proc is None or self.alive() or self.stopping:
+            return
+        if self.restarts >= self.max_restarts:
+            raise PipelineError(f"{self.name} died {self.restarts + 1} times (exit {self.proc.returncode}); last log lines: {self.log_tail()}")
+        self.restarts += 1
+        logger.warning("%s exited with %s; restarting (%d/%d)", self.name, self.proc.returncode, self.restarts, self.max_restarts)
+        last = self.read_stats() or {}
+        for key in CARRIED:
+            self.carried[key] = int(last.get(key) or 0)
+        self.carried["latencies_ms"] = list(last.get("latencies_ms") or [])
+        self.stats_path.unlink(missing_ok=True)
+        self.start()
+
+    def read_stats(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.stats_path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def stats(self) -> dict[str, Any] | None:
+        """The live stats plus what earlier lives of this worker counted."""
+        s = self.read_stats()
+        if s is None:
+            return None
+        for key in CARRIED:
+            if key in self.carried:
+                s[key] = int(s.get(key) or 0) + self.carried[key]
+        if self.carried.get("latencies_ms"):
+            s["latencies_ms"] = self.carried["latencies_ms"] + list(s.get("latencies_ms") or [])
+        s["restarts"] = self.restarts
+        return s
+
+    def stop(self) -> None:
+        self.stopping = True
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout_s: float) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_tail(self, lines: int = 3) -> str:
+        text = ""
+        for suffix in (".log", ".out"):
+            try:
+                text += (self.run_dir / f"{self.name}{suffix}").read_text(errors="replace")
+            except OSError:
+                pass
+        printable = ("".join(ch for ch in ln if ch.isprintable()).replace("[?25l", "").replace("[?25h", "") for ln in text.splitlines())
+        tail = [ln.strip() for ln in printable if ln.strip()][-lines:]
+        return " | ".join(tail) or "(no log)"
+
+
+def _run_dir(settings: Settings, run_id: str) -> Path:
+    folder = Path(settings.output_dir).resolve() / "faust" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    latest = folder.parent / "latest"
+    try:
+        latest.unlink(missing_ok=True)
+        latest.symlink_to(folder.name)
+    except OSError:  # a filesystem without symlinks only loses `vapipe status --engine faust`
+        pass
+    return folder
+
+
+def run_engines(
+    settings: Settings,
+    plan: RunPlan,
+    engines: dict[str, str],
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline with each stage on its engine; returns the same summary as ``run_pipeline``, plus ``engines``.
+
+    Raises:
+        PipelineError: bad source, model, broker, a stage that failed for good, or no progress.
+    """
+    bad = {s: e for s, e in engines.items() if s not in STAGES or e not in ENGINES}
+    if bad or set(engines) != set(STAGES):
+        raise ConfigError(f"engines must name {list(STAGES)} with one of {list(ENGINES)}, got {engines}")
+    if all(e == "ray" for e in engines.values()):
+        return run_pipeline(settings, plan, on_progress=on_progress) | {"engines": dict(engines)}
+    from actors.faust_app import faust_guarantee
+
+    faust_guarantee(settings)
+    plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
+    validate_sources(plan.sources)
+    _validate_model(settings, plan.allow_calibration)
+    check_broker(settings.kafka)
+    create_topics(settings.kafka, settings.topics.all())
+    run_dir = _run_dir(settings, plan.run_id)
+    settings_file = run_dir / "settings.json"
+    settings_file.touch(mode=0o600)
+    settings_file.write_text(settings_to_json(settings))
+
+    ray_stages = [s for s in STAGES if engines[s] == "ray"]
+    started_ray = False
+    ray_actors: dict[str, Any] = {}
+    ray_refs: dict[str, Any] = {}
+    workers: dict[str, FaustProcess] = {}
+    producers: dict[str, FaustProcess] = {}
+    try:
+        if ray_stages:
+            started_ray = _start_ray_stages(settings, plan, ray_stages, ray_actors, ray_refs)
+        for stage in STAGES:
+            if engines[stage] != "faust":
+                continue
+            for i in range(plan.replicas[stage]):
+                name = f"{stage}-{i}"
+                workers[name] = FaustProcess(name, stage, ["stage", stage, name, str(run_dir)], run_dir, settings.faust.max_restarts)
+                workers[name].start()
+        gather = _Gatherer(workers, producers, ray_actors)
+        _wait_ready(settings, plan, gather, ray_refs)
+        for spec in plan.sources:
+            name = f"producer-{spec.stream_id}"
+            producers[name] = FaustProcess(name, "producer", ["produce", name, str(run_dir), json.dumps(dataclasses.asdict(spec))],
+                                           run_dir, max_restarts=0)
+            producers[name].start(new_session=False)
+        t0 = time.time()
+        progress = Progress()
+        produced = _drain(settings, plan, gather, ray_refs, progress, on_progress)
+        wall = time.time() - t0
+        for w in workers.values():
+            w.stop()
+        for handle in ray_actors.values():
+            handle.stop.remote()
+        for w in workers.values():
+            w.wait(60)
+        if ray_refs:
+            import ray
+
+            progress.update(ray.get(list(ray_refs.values()), timeout=120))
+        progress.update([s for s in (w.stats() for w in workers.values()) if s])
+        summary = _summary(settings, plan, produced, progress, wall)
+        summary["engines"] = dict(engines)
+        summary["restarts"] = {n: w.restarts for n, w in workers.items() if w.restarts}
+        summary["moving_window"] = _moving_window(progress)
+        summary["processing_guarantee"] = settings.processing_guarantee
+        _write_summary(settings, plan, summary)
+        return summary
+    finally:
+        for p in list(producers.values()) + list(workers.values()):
+            if p.alive():
+                p.stop()
+                p.wait(10)
+        for handle in ray_actors.values():
+            try:
+                import ray
+
+                ray.kill(handle)
+            except Exception:  # already gone
+                pass
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str], actors: dict[str, Any], refs: dict[str, Any]) -> bool:
+    from actors.ray_actors import StageActor, actor_options
+    from cluster.raycluster import connect
+
+    started = connect(settings.ray, include_dashboard=plan.include_dashboard)
+    import ray
+
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    for stage in stages:
+        cfg = getattr(settings, stage)
+        for i in range(plan.replicas[stage]):
+            name = f"{stage}-{i}"
+            actors[name] = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, gpus)).remote(stage, settings, name)
+            refs[name] = actors[name].run.remote()
+    return started
+
+
+class _Gatherer:
+    """Stats of every worker, Faust processes and Ray actors alike; restarts dead Faust workers."""
+
+    def __init__(self, workers: dict[str, FaustProcess], producers: dict[str, FaustProcess], ray_actors: dict[str, Any]) -> None:
+        self.workers = workers
+        self.producers = producers
+        self.ray_actors = ray_actors
+
+    def __call__(self) -> list[dict[str, Any]]:
+        for w in self.workers.values():
+            w.check()
+        out = [s for s in (w.stats() for w in list(self.workers.values()) + list(self.producers.values())) if s]
+        if self.ray_actors:
+            from actors.launcher import _gather_stats
+
+            out += _gather_stats(self.ray_actors)
+        return out
+
+
+def _wait_ready(settings: Settings, plan: RunPlan, gather: _Gatherer, ray_refs: dict[str, Any]) -> None:
+    """Every worker loaded its model and joined, and each stage's group owns every input partition."""
+    inputs = {"inter": settings.topics.frames, "crop": settings.topics.detected_frames, "count": settings.topics.detections}
+    deadline = time.monotonic() + plan.stall_timeout_s
+    names = set(gather.workers) | set(gather.ray_actors)
+    nudged = time.monotonic()
+    waiting = "start-up"
+    while True:
+        if time.monotonic() > deadline:
+            raise PipelineError(f"stage workers not ready after {plan.stall_timeout_s:.0f}s: {waiting}")
+        _raise_if_ray_stopped(ray_refs, "during start-up")
+        stats = {s["name"]: s for s in gather()}
+        not_ready = sorted(n for n in names if not stats.get(n, {}).get("ready"))
+        unowned = []
+        for stage, spec in inputs.items():
+            members = [s for s in stats.values() if s.get("stage") == stage]
+            idle = [s["name"] for s in members if not s.get("assigned")] if len(members) <= spec.partitions else []
+            if sum(int(s.get("assigned") or 0) for s in members) != spec.partitions or idle:
+                unowned.append(stage)
+                if idle and time.monotonic() - nudged > 5.0:
+                    for name in idle:
+                        if name in gather.ray_actors:
+                            gather.ray_actors[name].rejoin.remote()
+                    nudged = time.monotonic()
+        if not not_ready and not unowned:
+            return
+        waiting = f"not ready: {', '.join(not_ready) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"
+        time.sleep(0.5)
+
+
+def _raise_if_ray_stopped(ray_refs: dict[str, Any], when: str) -> None:
+    if not ray_refs:
+        return
+    import ray
+
+    from actors.launcher import _get
+
+    done, _ = ray.wait(list(ray_refs.values()), num_returns=len(ray_refs), timeout=0)
+    for name, ref in ray_refs.items():
+        if ref in done:
+            _get(ref, name)
+            raise PipelineError(f"stage actor {name} stopped {when}")
+
+
+def _drain(settings: Settings, plan: RunPlan, gather: _Gatherer, ray_refs: dict[str, Any], progress: Progress,
+           on_progress: Callable[[Progress], None] | None) -> dict[str, dict[str, Any]]:
+    """Watch every worker until every stream is fully processed; returns the producers' results."""
+    produced: dict[str, dict[str, Any]] = {}
+    stream_ids = [s.stream_id for s in plan.sources]
+    last_change, last_line = time.monotonic(), ""
+    interrupted = False
+    while True:
+        try:
+            time.sleep(POLL_INTERVAL_S)
+            for name, p in gather.producers.items():
+                if name not in produced and not p.alive():
+                    produced[name] = _producer_result(p)
+            _raise_if_ray_stopped(ray_refs, "before the run was complete")
+            stats = gather()
+        except KeyboardInterrupt:
+            if interrupted:
+                raise
+            interrupted = True
+            logger.warning("interrupted: stopping producers and draining what they published (Ctrl-C again to abort)")
+            for p in gather.producers.values():
+                p.stop()
+            continue
+        progress.update(stats)
+        progress.sample()
+        if on_progress is not None:
+            on_progress(progress)
+        line = progress.line()
+        if line != last_line:
+            last_change, last_line = time.monotonic(), line
+        elif time.monotonic() - last_change > plan.stall_timeout_s:
+            raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}")
+        if len(produced) < len(gather.producers):
+            continue
+        table = read_table(settings)
+        if not all(_complete(table.get(sid)) for sid in stream_ids):
+            continue
+        lag = group_lag(settings.kafka, settings.group("crop"), [settings.topics.detected_frames.name])
+        if sum(lag.values()) == 0:
+            return produced
+
+
+def _complete(state: dict[str, Any] | None) -> bool:
+    if not state or state.get("frames_expected") is None:
+        return False
+    return int(state.get("frames_applied", 0)) >= int(state["frames_expected"])
+
+
+def _producer_result(p: FaustProcess) -> dict[str, Any]:
+    try:
+        result = dict(json.loads((p.run_dir / f"{p.name}.result.json").read_text()))
+    except (OSError, ValueError):
+        raise PipelineError(f"{p.name} exited with {p.proc.returncode if p.proc else '?'} and no result: {p.log_tail()}") from None
+    if "error" in result:
+        raise PipelineError(f"{p.name}: {result['error']}")
+    return result
+
+
+def _moving_window(progress: Progress) -> dict[str, Any]:
+    current: dict[str, Any] = {}
+    size = step = None
+    for s in progress.stage("count"):
+        mw = s.get("moving_window") or {}
+        size, step = mw.get("size_s", size), mw.get("step_s", step)
+        current.update(mw.get("current") or {})
+    return {"size_s": size, "step_s": step, "current": current} if size is not None else {}
+
+
+def faust_status(settings: Settings) -> list[dict[str, Any]]:
+    """Stats of the latest Faust run's workers (what `vapipe status --engine faust` prints).
+
+    Raises:
+        PipelineError: no Faust run has written stats under ``output_dir``.
+    """
+    latest = Path(settings.output_dir) / "faust" / "latest"
+    if not latest.is_dir():
+        raise PipelineError(f"no Faust run found under {latest.parent}: start one with `vapipe run --engine faust`")
+    out = []
+    for path in sorted(latest.glob("*.json")):
+        if path.name == "settings.json" or path.name.endswith(".result.json"):
+            continue
+        try:
+            out.append(dict(json.loads(path.read_text())))
+        except (OSError, ValueError):
+            continue
+    return out

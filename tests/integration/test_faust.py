@@ -1,0 +1,168 @@
+"""The Faust engine end to end: real broker, real model, Faust worker processes; and mixed with Ray stages.
+
+Mirrors ``test_pipeline.py``: detections on C equal a one-process reference, crops
+only above 0.7, every frame counted once; a mixed Ray/Faust run builds the same
+table as an all-Ray run; a count worker killed mid-run recovers from the changelog.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from actors.launcher import RunPlan
+from actors.stages import read_table
+from pipeline.config import Settings
+from pipeline.crop import load_index
+from pipeline.sources import parse_source
+from tests.conftest import _missing
+from tests.integration.test_pipeline import detections_on_c, reference_detections
+
+pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
+
+AT_LEAST_ONCE = {"processing_guarantee": "at_least_once"}
+"""The Faust engine runs at-least-once only (faust-streaming#440); the Ray engine defaults to exactly-once."""
+
+VEHICLES = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
+
+
+@pytest.fixture(scope="session")
+def faust_installed() -> None:
+    try:
+        import faust  # noqa: F401
+    except ImportError as exc:
+        _missing(f"faust-streaming is not installed ({exc}); `make setup` installs it")
+
+
+def run(settings: Settings, engine: str, sources: list[str], inter: int = 1, crop: int = 1, count: int = 1,
+        on_progress: Any = None) -> dict[str, Any]:
+    from actors.faust_engine import parse_engines, run_engines
+
+    plan = RunPlan(sources=[parse_source(s) for s in sources], replicas={"inter": inter, "crop": crop, "count": count},
+                   include_dashboard=False, stall_timeout_s=240)
+    return run_engines(settings, plan, parse_engines(engine), on_progress=on_progress)
+
+
+def direct_vehicle_count(detections: dict[int, Any]) -> dict[str, int]:
+    direct: dict[str, int] = {}
+    for d in detections.values():
+        for label, conf in zip(d.labels, d.confidence):
+            if label in VEHICLES and conf > 0.5:
+                direct[label] = direct.get(label, 0) + 1
+    return direct
+
+
+@pytest.mark.parametrize("inter", [1, 3])
+def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_settings, highway: str, inter: int) -> None:
+    frames = 150
+    # A window far longer than the clip's capture time: the time-windowed count then holds every frame.
+    s = make_settings(producer__max_frames=frames, faust__window_s=600, faust__window_step_s=60, **AT_LEAST_ONCE)
+    replicas = 2 if inter == 3 else 1
+    summary = run(s, "faust", [f"hw={highway}"], inter=inter, crop=replicas, count=replicas)
+
+    assert summary["engines"] == {"inter": "faust", "crop": "faust", "count": "faust"}
+    assert summary["frames_produced"] == frames
+    assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary["frames_processed"]["inter"] == frames
+    assert summary["frames_processed"]["count"] == frames  # applied once each
+    assert summary["restarts"] == {}
+    assert set(summary["actors"]) >= {f"inter-{i}" for i in range(inter)}
+    assert all(a.get("peak_rss_mb") for n, a in summary["actors"].items() if not n.startswith("producer"))
+
+    crops_root = Path(s.output_dir) / "crops"
+    index = load_index(crops_root)
+    assert index and all(e["confidence"] > 0.7 for e in index.values())
+    for e in index.values():
+        path = crops_root / e["path"]
+        assert path.is_file() and path.parent.name == e["label"]
+    assert {p.stem for p in crops_root.glob("*/*.jpg")} == set(index)
+
+    got = detections_on_c(s, "hw")
+    want = reference_detections(s, "hw")
+    assert sorted(got) == sorted(want) == list(range(frames))
+    for i in range(frames):
+        assert got[i].labels == want[i].labels, f"frame {i}"
+        np.testing.assert_allclose(got[i].confidence, want[i].confidence, atol=1e-5, err_msg=f"frame {i}")
+        np.testing.assert_allclose(got[i].xyxy, want[i].xyxy, atol=1e-3, err_msg=f"frame {i}")
+    assert len(index) == sum(int((d.confidence > 0.7).sum()) for d in got.values())
+
+    direct = direct_vehicle_count(got)
+    assert summary["vehicles"]["hw"] == direct
+    # The Faust table's changelog is the Ray engine's: the same snapshot format, readable by `vapipe counts`.
+    table = read_table(s)
+    assert table["hw"]["totals"] == direct and table["hw"]["frames_applied"] == frames
+    # The time-windowed moving count (a Faust hopping-window table) holds the same vehicles.
+    assert summary["moving_window"]["size_s"] == 600
+    assert summary["moving_window"]["current"]["hw"] == direct
+
+
+@pytest.mark.parametrize("engine", ["inter=ray,crop=faust,count=faust", "inter=faust,crop=ray,count=ray"])
+def test_mixed_engines_build_the_same_table_as_all_ray(faust_installed, ray_local, make_settings, highway: str, engine: str) -> None:
+    frames = 60
+    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
+    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
+    all_ray = run(ray_settings, "ray", [f"hw={highway}"], inter=2)
+    mixed = run(mixed_settings, engine, [f"hw={highway}"], inter=2, count=2)
+
+    assert all_ray["engines"] == {"inter": "ray", "crop": "ray", "count": "ray"}
+    assert mixed["per_stream"]["hw"] == all_ray["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    want, got = read_table(ray_settings)["hw"], read_table(mixed_settings)["hw"]
+    for key in ("totals", "frames_applied", "frames_expected", "window", "applied_watermark", "applied_above"):
+        assert got[key] == want[key], key
+    assert mixed["vehicles"] == all_ray["vehicles"] == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
+    assert mixed["crops_per_label"] == all_ray["crops_per_label"]
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known bug (#6 open): in one CI run a SIGKILLed Faust count worker lost one frame's count "
+    "(149 of 150 applied, the run never completed); passes in other runs",
+)
+def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
+    frames = 150
+    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE)
+    killed: list[str] = []
+
+    def kill_the_owner(progress: Any) -> None:
+        if killed:
+            return
+        for st in progress.stage("count"):
+            # The worker that owns the stream's partition, once it has applied (and committed) part of it.
+            if 20 <= int(st.get("frames_out") or 0) < frames - 30 and st.get("pid"):
+                os.kill(int(st["pid"]), signal.SIGKILL)
+                killed.append(st["name"])
+                return
+
+    summary = run(s, "faust", [f"hw={highway}"], inter=1, count=2, on_progress=kill_the_owner)
+
+    assert killed, "the run ended before a count worker could be killed"
+    assert summary["restarts"].get(killed[0]) == 1
+    assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    table = read_table(s)["hw"]
+    assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_above"] == []
+    # No frame counted twice: the totals equal a direct count of C's vehicles above 0.5.
+    assert table["totals"] == summary["vehicles"]["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
+
+
+def test_compare_bench_runs_both_engines_and_writes_report(faust_installed, ray_local, make_settings, highway: str, tmp_path: Path) -> None:
+    import csv
+    import json
+
+    from actors.bench import compare_engines
+    from actors.report import write_report
+
+    s = make_settings(**AT_LEAST_ONCE)
+    result = compare_engines(s, ["ray", "faust"], [1, 2], frames=24, repeat=1, models=["sleep:5ms"], video=highway)
+    assert [(t["engine"], t["replicas"]) for t in result["table"]] == [("ray", 1), ("ray", 2), ("faust", 1), ("faust", 2)]
+    assert all(row["frames"] == 24 for row in result["rows"])
+    assert all(t["fps_mean"] > 0 and t["speedup"] > 0 and t["rss_mb_per_worker"] > 0 for t in result["table"])
+    assert [t["fps_vs_ray"] for t in result["table"] if t["engine"] == "ray"] == [1.0, 1.0]
+    out = write_report(result, tmp_path / "compare", command=["vapipe", "bench", "compare"])
+    assert (out / "compare.png").stat().st_size > 1000
+    assert json.loads((out / "compare.json").read_text())["benchmark"] == "compare"
+    assert len(list(csv.DictReader(open(out / "compare.csv")))) == 4
