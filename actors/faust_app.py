@@ -15,11 +15,16 @@ count is written twice; the topics and the message format are the Ray engine's.
 - The time-windowed moving count is a Faust hopping-window table (capture time),
   next to the frame-window moving count that the snapshot carries.
 
-Delivery: Faust acks an event only after the agent has finished with it, flushes
-its producer, then commits (at-least-once). A batch that fails ends the worker
-process *before* its events are acked; the engine restarts it and it resumes at
-the last commit. Faust's own exactly_once (a transaction per source partition)
-crashes in faust-streaming 0.15.3, so this engine refuses it (see ``faust_guarantee``).
+Delivery: at-least-once. An agent finishes an event only once everything it
+produced, table changelog writes included, is acknowledged by the broker; Faust
+acks it then and commits later. A batch that fails ends the worker process
+*before* its events are acked; the engine restarts it and it resumes at the last
+commit. Two faust-streaming behaviours would lose records, and are worked around
+here: its pre-commit flush can return with table writes unsent
+(``_keep_changelog_sends``), and after a rebalance it can skip records and commit
+past them (``hold_faust_gaps``, ``SkippedRecords``). Faust's own exactly_once (a
+transaction per source partition) crashes in faust-streaming 0.15.3, so this
+engine refuses it (see ``faust_guarantee``).
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ from typing import Any
 from actors.loop import StageWorker
 from actors.stages import CountWorker, CropWorker, InterWorker
 from pipeline.codecs import Record, decode_json
-from pipeline.config import Settings
-from pipeline.errors import ConfigError, DecodeError
+from pipeline.config import Settings, TopicSpec
+from pipeline.errors import BrokerError, ConfigError, DecodeError
 
-__all__ = ["FaustStage", "EventRecord", "CollectingProducer", "faust_guarantee", "settings_to_json", "settings_from_json"]
+__all__ = [
+    "FaustStage", "EventRecord", "CollectingProducer", "SkippedRecords", "faust_guarantee", "hold_faust_gaps",
+    "moving_changelog", "settings_to_json", "settings_from_json",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +81,22 @@ def faust_guarantee(settings: Settings) -> str:
         return FAUST_GUARANTEES[wanted]
     except KeyError:
         raise ConfigError(f"processing_guarantee {wanted!r} has no Faust equivalent; Faust offers {sorted(FAUST_GUARANTEES)}") from None
+
+
+def moving_changelog(settings: Settings) -> TopicSpec:
+    """The changelog of the count stage's hopping-window table, under the name Faust gives it.
+
+    The engine creates it before any worker starts. Left to Faust, each worker declares
+    it on start-up, and a worker whose metadata predates the topic failed its first
+    window write (``PartitionsMismatch``: 0 partitions) and had to be restarted.
+    """
+    source = settings.topics.detections
+    return TopicSpec(
+        name=f"{settings.group('count')}-moving-changelog",
+        partitions=source.partitions,
+        replication_factor=source.replication_factor,
+        config={"cleanup.policy": "compact,delete", "retention.ms": str(int(settings.faust.window_expires_s * 1000))},
+    )
 
 
 def settings_to_json(settings: Settings) -> str:
@@ -141,6 +165,98 @@ def _broker_urls(settings: Settings) -> list[str]:
     return [f"kafka://{h}" for h in settings.kafka.hosts()]
 
 
+def hold_faust_gaps() -> None:
+    """Stop faust-streaming from treating offsets it never delivered as processed.
+
+    When a partition's next record is more than one offset past the last one read,
+    Faust's consumer marks the offsets in between as done (``Consumer._add_gap``, meant
+    for compacted and transactional topics), so a later commit passes them. After a
+    rebalance it can hand an agent a prefetched record from further on (faust#216,
+    faust#221). Seen here: a count worker restarted after a SIGKILL applied frame 21,
+    then 29, and frames 22 to 28 were committed but never counted. With the gap held,
+    Faust cannot commit past a hole; the agent reads the hole's records itself
+    (``SkippedRecords``), processes them, then releases it (``release_gap``).
+    """
+    from faust.transport.consumer import Consumer
+
+    if hasattr(Consumer, "release_gap"):
+        return
+    release = Consumer._add_gap
+
+    async def hold(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
+        logger.info("faust skipped %s offsets %d..%d; the agent reads them itself", tp, offset_from, offset_to - 1)
+
+    Consumer.release_gap = release  # type: ignore[attr-defined]
+    Consumer._add_gap = hold  # type: ignore[method-assign]
+
+
+class SkippedRecords:
+    """Finds the records Faust skipped in a partition and reads them straight from Kafka.
+
+    The agent knows the next offset it should see in each of its partitions: the group's
+    committed offset after an assignment, then one past the last record it was given.
+    Any record further on means records were skipped; they are read with kafka-python
+    (committed records only, so transaction markers, which take offsets, read as
+    nothing) and processed before the record that revealed the hole.
+    """
+
+    def __init__(self, settings: Settings, group: str, topic: str) -> None:
+        self.settings = settings
+        self.group = group
+        self.topic = topic
+        self._next: dict[int, int] = {}
+        self._reader: Any = None
+        self._offsets: Any = None
+        self.records_read = 0
+
+    def forget(self) -> None:
+        """A rebalance: Faust restarts every partition at its committed offset."""
+        self._next.clear()
+
+    def find(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[tuple[int, int, int]]]:
+        """The skipped records before ``records`` and the holes they fill, as (partition, start, end)."""
+        skipped: list[EventRecord] = []
+        holes: list[tuple[int, int, int]] = []
+        for r in records:
+            expected = self._next.get(r.partition)
+            if expected is None:
+                expected = self._start(r.partition)
+            if r.offset > expected:
+                skipped += self._read(r.partition, expected, r.offset)
+                holes.append((r.partition, expected, r.offset))
+            self._next[r.partition] = max(expected, r.offset + 1)
+        if holes:
+            logger.warning("%s: read %d records Faust skipped at %s", self.topic, len(skipped), holes)
+        return skipped, holes
+
+    def _start(self, partition: int) -> int:
+        """Where Faust resumes a partition: the group's committed offset, else the log's start."""
+        from kafka import TopicPartition
+
+        from actors.kafka_io import make_consumer
+
+        if self._offsets is None:
+            self._offsets = make_consumer(self.settings.kafka, group_id=self.group)
+        tp = TopicPartition(self.topic, partition)
+        committed = self._offsets.committed(tp)
+        return int(committed) if committed is not None else int(self._offsets.beginning_offsets([tp])[tp])
+
+    def _read(self, partition: int, start: int, end: int) -> list[EventRecord]:
+        from kafka import TopicPartition
+
+        from actors.kafka_io import make_consumer, records_in_range
+
+        if self._reader is None:
+            self._reader = make_consumer(self.settings.kafka, group_id=None)
+        tp = TopicPartition(self.topic, partition)
+        found = [EventRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
+                 for r in records_in_range(self._reader, tp, start, end, timeout_s=60)]
+        if self._reader.position(tp) < end:
+            raise BrokerError(f"could not read the records Faust skipped in {self.topic}[{partition}] {start}..{end - 1} within 60s")
+        self.records_read += len(found)
+        return found
+
+
 class FaustStage:
     """One Faust worker of one stage: the Faust app, its agent, and the reused stage worker.
 
@@ -199,6 +315,9 @@ class FaustStage:
             stream_wait_empty=True,
         )
         self._topics: dict[str, Any] = {}
+        hold_faust_gaps()
+        self.skips = SkippedRecords(settings, settings.group(stage), self.worker.input_topic)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
         source = self.topic(self.worker.input_topic)
         if stage == "count":
             self._build_tables(faust)
@@ -206,6 +325,9 @@ class FaustStage:
         else:
             self.app.agent(source, name=f"vapipe.{stage}")(self._batch_agent)
         self.app.timer(0.5)(self._write_stats)
+
+    async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
+        self.skips.forget()
 
     # -- topics and tables ---------------------------------------------------
     def topic(self, name: str) -> Any:
@@ -226,13 +348,37 @@ class FaustStage:
         self.table = self.app.Table("counts", key_type=bytes, value_type=bytes, default=None,
                                     partitions=t.detections.partitions, changelog_topic=changelog)
         cfg = self.settings.faust
+        moving = moving_changelog(self.settings)
+        assert moving.name == f"{self.app.conf.id}-moving-changelog"  # Faust's own name for the table's changelog
         self.windowed = (
             self.app.Table("moving", key_type=str, value_type=int, default=int, partitions=t.detections.partitions)
             .hopping(cfg.window_s, cfg.window_step_s, expires=cfg.window_expires_s)
             .relative_to(lambda event: _capture_ts.get())
         )
+        self._changelog_sends: list[Any] = []
+        self._keep_changelog_sends(self.table)
+        self._keep_changelog_sends(self.windowed.table)
         self._in_sync: dict[str, bytes | None] = {}
         self._windowed_view: dict[str, dict[str, int]] = {}
+
+    def _keep_changelog_sends(self, table: Any) -> None:
+        """Keep the delivery future of every changelog write the table makes, for the agent to await.
+
+        Faust buffers table writes (``send_soon``) and, before a commit, drains that
+        buffer with ``ProducerBuffer.flush``, which gives up after 0.1 s without a
+        send and never waits for the message it is sending. On a busy machine a
+        commit could then pass an event whose table write was still unsent, and a
+        worker killed right after lost that frame. Awaiting the writes before the
+        event is acked closes the gap.
+        """
+        send_changelog = table.send_changelog
+
+        def send_and_keep(*args: Any, **kwargs: Any) -> Any:
+            fut = send_changelog(*args, **kwargs)
+            self._changelog_sends.append(fut)
+            return fut
+
+        table.send_changelog = send_and_keep
 
     # -- agents --------------------------------------------------------------
     async def _batch_agent(self, stream: Any) -> None:
@@ -241,10 +387,13 @@ class FaustStage:
         async for events in stream.take_events(cfg.batch_size, within=cfg.poll_timeout_ms / 1000):
             records = [EventRecord.of(e) for e in events]
             try:
+                skipped, holes = await asyncio.to_thread(self.skips.find, records)
+                records = skipped + records
                 # Detection and JPEG work block; a thread keeps Faust's heartbeats and fetches going.
                 await asyncio.to_thread(self.worker.process, records)
                 futures = [await self._send(topic, rec, partition) for topic, rec, partition in self.producer.take()]
                 await asyncio.gather(*futures)
+                await self._release(holes)
             except Exception as exc:
                 self._die(exc, records)
             self._done(records)
@@ -254,20 +403,39 @@ class FaustStage:
         counts_topic = self.settings.topics.counts.name
         changelog = self.settings.topics.counts_changelog.name
         async for event in stream.events():
-            record = EventRecord.of(event)
+            records = [EventRecord.of(event)]
+            sends: list[Any] = []
             try:
-                self._sync_from_table(record.key)
-                self.worker.process([record])
-                for topic, rec, partition in self.producer.take():
-                    if topic == changelog:
-                        self._put(rec)  # Faust writes the snapshot to the same changelog topic
-                        continue
-                    if topic == counts_topic:
-                        self._window(rec)
-                    await self._send(topic, rec, partition)
+                skipped, holes = await asyncio.to_thread(self.skips.find, records)
+                records = skipped + records  # all of one partition: the event's table writes go to its changelog partition
+                for record in records:
+                    self._sync_from_table(record.key)
+                    self.worker.process([record])
+                    for topic, rec, partition in self.producer.take():
+                        if topic == changelog:
+                            self._put(rec)  # Faust writes the snapshot to the same changelog topic
+                            continue
+                        if topic == counts_topic:
+                            self._window(rec)
+                        sends.append(await self._send(topic, rec, partition))
+                sends += self._changelog_sends
+                self._changelog_sends = []
+                # Delivered before the event is acked, so no commit can pass an unwritten count.
+                await asyncio.gather(*sends)
+                await self._release(holes)
             except Exception as exc:
-                self._die(exc, [record])
-            self._done([record])
+                self._die(exc, records)
+            self._done(records)
+
+    async def _release(self, holes: list[tuple[int, int, int]]) -> None:
+        """Let Faust commit past offsets whose records this agent read and processed itself."""
+        if not holes:
+            return
+        from faust.types import TP
+
+        consumer = self.app.consumer
+        for partition, start, end in holes:
+            await type(consumer).release_gap(consumer, TP(self.worker.input_topic, partition), start, end - 1)
 
     async def _send(self, topic: str, rec: Record, partition: int | None) -> Any:
         return await self.topic(topic).send(key=rec.key, value=rec.value, headers=list(rec.headers), partition=partition)
@@ -313,12 +481,7 @@ class FaustStage:
     # -- bookkeeping ---------------------------------------------------------
     def _done(self, records: list[EventRecord]) -> None:
         """Outputs are acknowledged (or buffered for Faust's pre-commit flush): publish the batch's effects."""
-        w = self.worker
-        w._dead_letters.clear()  # StageWorker keeps these for its own flush; Faust already sent them
-        w.on_commit()
-        with w._lock:
-            w.counters["records_in"] += len(records)
-            w._rate.append((time.monotonic(), w.counters["frames_in"]))
+        self.worker.batch_done(records)  # its dead letters went out with the batch's other records
         for r in records:
             self._positions[r.partition] = max(self._positions.get(r.partition, -1), r.offset + 1)
 
@@ -347,8 +510,7 @@ class FaustStage:
                 high = None
             if high is not None and tp.partition in self._positions:  # a partition not read yet shows no lag
                 lag += max(int(high) - self._positions[tp.partition], 0)
-        self.worker.assigned = len(assigned)
-        self.worker._lag = lag
+        self.worker.report_position(len(assigned), lag)
         recovered = True
         if self.stage == "count":
             recovery = self.app.tables.recovery

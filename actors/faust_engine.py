@@ -28,20 +28,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actors.faust_app import settings_to_json
-from actors.kafka_io import check_broker, group_lag
-from actors.launcher import STAGES, Progress, RunPlan, _summary, _validate_model, _write_summary, run_pipeline, validate_sources
-from actors.stages import read_table
+from actors.faust_app import moving_changelog, settings_to_json
+from actors.kafka_io import check_broker
+from actors.launcher import (
+    STAGES,
+    Progress,
+    RayWorkers,
+    RunPlan,
+    _summary,
+    _validate_model,
+    _wait_ready,
+    _write_summary,
+    drain,
+    run_pipeline,
+    validate_sources,
+)
 from cluster.topics import create_topics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
 
-__all__ = ["ENGINES", "parse_engines", "run_engines", "FaustProcess", "faust_status"]
+__all__ = ["ENGINES", "parse_engines", "run_engines", "FaustProcess", "FaustWorkers", "faust_status"]
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("ray", "faust")
-POLL_INTERVAL_S = 1.0
 ROOT = Path(__file__).resolve().parent.parent
 CARRIED = ("records_in", "frames_in", "frames_out", "poison", "dead_lettered", "detections", "end_of_streams", "duplicates", "retries")
 """Counters summed over a restarted worker's lives."""
@@ -207,7 +217,7 @@ def run_engines(
     validate_sources(plan.sources)
     _validate_model(settings, plan.allow_calibration)
     check_broker(settings.kafka)
-    create_topics(settings.kafka, settings.topics.all())
+    create_topics(settings.kafka, settings.topics.all() + ([moving_changelog(settings)] if engines["count"] == "faust" else []))
     run_dir = _run_dir(settings, plan.run_id)
     settings_file = run_dir / "settings.json"
     settings_file.touch(mode=0o600)
@@ -215,13 +225,12 @@ def run_engines(
 
     ray_stages = [s for s in STAGES if engines[s] == "ray"]
     started_ray = False
-    ray_actors: dict[str, Any] = {}
-    ray_refs: dict[str, Any] = {}
+    ray_workers: RayWorkers | None = None
     workers: dict[str, FaustProcess] = {}
     producers: dict[str, FaustProcess] = {}
     try:
         if ray_stages:
-            started_ray = _start_ray_stages(settings, plan, ray_stages, ray_actors, ray_refs)
+            started_ray, ray_workers = _start_ray_stages(settings, plan, ray_stages)
         for stage in STAGES:
             if engines[stage] != "faust":
                 continue
@@ -229,8 +238,8 @@ def run_engines(
                 name = f"{stage}-{i}"
                 workers[name] = FaustProcess(name, stage, ["stage", stage, name, str(run_dir)], run_dir, settings.faust.max_restarts)
                 workers[name].start()
-        gather = _Gatherer(workers, producers, ray_actors)
-        _wait_ready(settings, plan, gather, ray_refs)
+        group = FaustWorkers(workers, producers, ray_workers)
+        _wait_ready(settings, group, timeout_s=plan.stall_timeout_s)
         for spec in plan.sources:
             name = f"producer-{spec.stream_id}"
             producers[name] = FaustProcess(name, "producer", ["produce", name, str(run_dir), json.dumps(dataclasses.asdict(spec))],
@@ -238,18 +247,19 @@ def run_engines(
             producers[name].start(new_session=False)
         t0 = time.time()
         progress = Progress()
-        produced = _drain(settings, plan, gather, ray_refs, progress, on_progress)
+        produced = drain(settings, plan, group, progress, on_progress)
         wall = time.time() - t0
         for w in workers.values():
             w.stop()
-        for handle in ray_actors.values():
-            handle.stop.remote()
+        if ray_workers is not None:
+            for handle in ray_workers.actors.values():
+                handle.stop.remote()
         for w in workers.values():
             w.wait(60)
-        if ray_refs:
+        if ray_workers is not None:
             import ray
 
-            progress.update(ray.get(list(ray_refs.values()), timeout=120))
+            progress.update(ray.get(list(ray_workers.stage_refs.values()), timeout=120))
         progress.update([s for s in (w.stats() for w in workers.values()) if s])
         summary = _summary(settings, plan, produced, progress, wall)
         summary["engines"] = dict(engines)
@@ -263,7 +273,7 @@ def run_engines(
             if p.alive():
                 p.stop()
                 p.wait(10)
-        for handle in ray_actors.values():
+        for handle in (ray_workers.actors.values() if ray_workers is not None else []):
             try:
                 import ray
 
@@ -276,132 +286,61 @@ def run_engines(
             ray.shutdown()
 
 
-def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str], actors: dict[str, Any], refs: dict[str, Any]) -> bool:
-    from actors.ray_actors import StageActor, actor_options
+def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str]) -> tuple[bool, RayWorkers]:
+    from actors.launcher import _launch_stage
     from cluster.raycluster import connect
 
     started = connect(settings.ray, include_dashboard=plan.include_dashboard)
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
+    ray_workers = RayWorkers({}, {})
     for stage in stages:
-        cfg = getattr(settings, stage)
         for i in range(plan.replicas[stage]):
             name = f"{stage}-{i}"
-            actors[name] = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, gpus)).remote(stage, settings, name)
-            refs[name] = actors[name].run.remote()
-    return started
+            ray_workers.actors[name], ray_workers.stage_refs[name] = _launch_stage(settings, stage, name, gpus)
+    return started, ray_workers
 
 
-class _Gatherer:
-    """Stats of every worker, Faust processes and Ray actors alike; restarts dead Faust workers."""
+class FaustWorkers:
+    """The run's Faust processes (stage workers and producers), plus its Ray stage actors in a mixed run.
 
-    def __init__(self, workers: dict[str, FaustProcess], producers: dict[str, FaustProcess], ray_actors: dict[str, Any]) -> None:
+    Polling restarts a Faust worker that died unasked, as Ray restarts an actor.
+    """
+
+    def __init__(self, workers: dict[str, FaustProcess], producers: dict[str, FaustProcess], ray: RayWorkers | None) -> None:
         self.workers = workers
         self.producers = producers
-        self.ray_actors = ray_actors
+        self.ray = ray
+        self._reported: set[str] = set()
 
-    def __call__(self) -> list[dict[str, Any]]:
+    def stage_names(self) -> list[str]:
+        return list(self.workers) + (self.ray.stage_names() if self.ray is not None else [])
+
+    def poll(self) -> list[dict[str, Any]]:
         for w in self.workers.values():
             w.check()
         out = [s for s in (w.stats() for w in list(self.workers.values()) + list(self.producers.values())) if s]
-        if self.ray_actors:
-            from actors.launcher import _gather_stats
-
-            out += _gather_stats(self.ray_actors)
+        if self.ray is not None:
+            out += self.ray.poll()
         return out
 
+    def finished_producers(self) -> dict[str, dict[str, Any]]:
+        finished = {name: _producer_result(p) for name, p in self.producers.items() if name not in self._reported and not p.alive()}
+        self._reported.update(finished)
+        return finished
 
-def _wait_ready(settings: Settings, plan: RunPlan, gather: _Gatherer, ray_refs: dict[str, Any]) -> None:
-    """Every worker loaded its model and joined, and each stage's group owns every input partition."""
-    inputs = {"inter": settings.topics.frames, "crop": settings.topics.detected_frames, "count": settings.topics.detections}
-    deadline = time.monotonic() + plan.stall_timeout_s
-    names = set(gather.workers) | set(gather.ray_actors)
-    nudged = time.monotonic()
-    waiting = "start-up"
-    while True:
-        if time.monotonic() > deadline:
-            raise PipelineError(f"stage workers not ready after {plan.stall_timeout_s:.0f}s: {waiting}")
-        _raise_if_ray_stopped(ray_refs, "during start-up")
-        stats = {s["name"]: s for s in gather()}
-        not_ready = sorted(n for n in names if not stats.get(n, {}).get("ready"))
-        unowned = []
-        for stage, spec in inputs.items():
-            members = [s for s in stats.values() if s.get("stage") == stage]
-            idle = [s["name"] for s in members if not s.get("assigned")] if len(members) <= spec.partitions else []
-            if sum(int(s.get("assigned") or 0) for s in members) != spec.partitions or idle:
-                unowned.append(stage)
-                if idle and time.monotonic() - nudged > 5.0:
-                    for name in idle:
-                        if name in gather.ray_actors:
-                            gather.ray_actors[name].rejoin.remote()
-                    nudged = time.monotonic()
-        if not not_ready and not unowned:
-            return
-        waiting = f"not ready: {', '.join(not_ready) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"
-        time.sleep(0.5)
+    def producers_left(self) -> int:
+        return len(self.producers) - len(self._reported)
 
+    def stop_producers(self) -> None:
+        for p in self.producers.values():
+            p.stop()
 
-def _raise_if_ray_stopped(ray_refs: dict[str, Any], when: str) -> None:
-    if not ray_refs:
-        return
-    import ray
-
-    from actors.launcher import _get
-
-    done, _ = ray.wait(list(ray_refs.values()), num_returns=len(ray_refs), timeout=0)
-    for name, ref in ray_refs.items():
-        if ref in done:
-            _get(ref, name)
-            raise PipelineError(f"stage actor {name} stopped {when}")
-
-
-def _drain(settings: Settings, plan: RunPlan, gather: _Gatherer, ray_refs: dict[str, Any], progress: Progress,
-           on_progress: Callable[[Progress], None] | None) -> dict[str, dict[str, Any]]:
-    """Watch every worker until every stream is fully processed; returns the producers' results."""
-    produced: dict[str, dict[str, Any]] = {}
-    stream_ids = [s.stream_id for s in plan.sources]
-    last_change, last_line = time.monotonic(), ""
-    interrupted = False
-    while True:
-        try:
-            time.sleep(POLL_INTERVAL_S)
-            for name, p in gather.producers.items():
-                if name not in produced and not p.alive():
-                    produced[name] = _producer_result(p)
-            _raise_if_ray_stopped(ray_refs, "before the run was complete")
-            stats = gather()
-        except KeyboardInterrupt:
-            if interrupted:
-                raise
-            interrupted = True
-            logger.warning("interrupted: stopping producers and draining what they published (Ctrl-C again to abort)")
-            for p in gather.producers.values():
-                p.stop()
-            continue
-        progress.update(stats)
-        progress.sample()
-        if on_progress is not None:
-            on_progress(progress)
-        line = progress.line()
-        if line != last_line:
-            last_change, last_line = time.monotonic(), line
-        elif time.monotonic() - last_change > plan.stall_timeout_s:
-            raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}")
-        if len(produced) < len(gather.producers):
-            continue
-        table = read_table(settings)
-        if not all(_complete(table.get(sid)) for sid in stream_ids):
-            continue
-        lag = group_lag(settings.kafka, settings.group("crop"), [settings.topics.detected_frames.name])
-        if sum(lag.values()) == 0:
-            return produced
-
-
-def _complete(state: dict[str, Any] | None) -> bool:
-    if not state or state.get("frames_expected") is None:
-        return False
-    return int(state.get("frames_applied", 0)) >= int(state["frames_expected"])
+    def rejoin(self, names: list[str]) -> None:
+        """Ray actors only: a Faust worker's group membership is Faust's own."""
+        if self.ray is not None:
+            self.ray.rejoin(names)
 
 
 def _producer_result(p: FaustProcess) -> dict[str, Any]:

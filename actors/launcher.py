@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from actors.kafka_io import check_broker, group_lag
 from actors.ray_actors import ProducerActor, StageActor, actor_options
@@ -35,9 +35,9 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("inter", "crop", "count")
 POLL_INTERVAL_S = 1.0
+"""How often the driver asks the workers for their stats while a run drains."""
 REJOIN_AFTER_S = 5.0
 """A replica still owning no partition this long after start-up is asked to rejoin its group."""
-"""How often the driver asks the actors for their stats while a run drains."""
 
 
 def new_run_id() -> str:
@@ -151,6 +151,82 @@ class RunControl:
         ray.kill(handle, no_restart=True)
 
 
+class Workers(Protocol):
+    """The running workers of one run, whichever engine runs them: what the run loop watches.
+
+    ``RayWorkers`` are Ray actors; ``actors.faust_engine.FaustWorkers`` are Faust
+    processes, possibly next to Ray stage actors.
+    """
+
+    def stage_names(self) -> list[str]:
+        """The stage workers (not producers)."""
+        ...
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Stats of every worker that answers; raises PipelineError when a stage worker stopped for good."""
+        ...
+
+    def finished_producers(self) -> dict[str, dict[str, Any]]:
+        """Results of the producers that finished since the last call; raises PipelineError for a failed one."""
+        ...
+
+    def producers_left(self) -> int:
+        ...
+
+    def stop_producers(self) -> None:
+        """End every stream early (Ctrl-C); what was published is still drained."""
+        ...
+
+    def rejoin(self, names: list[str]) -> None:
+        """Ask stage workers that own no partition to rejoin their group."""
+        ...
+
+
+@dataclass
+class RayWorkers:
+    """The run's Ray actors: stage actors and producers, with the refs of their ``run`` calls."""
+
+    actors: dict[str, Any]
+    stage_refs: dict[str, Any]
+    producer_refs: dict[str, Any] = field(default_factory=dict)
+
+    def stage_names(self) -> list[str]:
+        return list(self.stage_refs)
+
+    def poll(self) -> list[dict[str, Any]]:
+        import ray
+
+        done, _ = ray.wait(list(self.stage_refs.values()), num_returns=len(self.stage_refs), timeout=0)
+        for name, ref in self.stage_refs.items():
+            if ref in done:
+                _get(ref, name)  # raises the stage's error; a clean return here is unexpected
+                raise PipelineError(f"stage actor {name} stopped before the run was complete")
+        return _gather_stats(self.actors)
+
+    def finished_producers(self) -> dict[str, dict[str, Any]]:
+        import ray
+
+        ready, _ = ray.wait(list(self.producer_refs.values()), num_returns=len(self.producer_refs), timeout=0)
+        finished = {}
+        for name, ref in list(self.producer_refs.items()):
+            if ref in ready:
+                finished[name] = _get(ref, name)
+                del self.producer_refs[name]
+        return finished
+
+    def producers_left(self) -> int:
+        return len(self.producer_refs)
+
+    def stop_producers(self) -> None:
+        for name in self.producer_refs:
+            self.actors[name].stop.remote()
+
+    def rejoin(self, names: list[str]) -> None:
+        for name in names:
+            if name in self.actors:
+                self.actors[name].rejoin.remote()
+
+
 def _launch_stage(settings: Settings, stage: str, name: str, cluster_gpus: float) -> tuple[Any, Any]:
     import ray
 
@@ -186,7 +262,7 @@ def run_pipeline(
             for i in range(plan.replicas[stage]):
                 name = f"{stage}-{i}"
                 actors[name], stage_refs[name] = _launch_stage(settings, stage, name, gpus)
-        _wait_ready(settings, actors, stage_refs, timeout_s=plan.stall_timeout_s)
+        _wait_ready(settings, RayWorkers(actors, stage_refs), timeout_s=plan.stall_timeout_s)
         producers: dict[str, Any] = {}
         # This run's streams have no frames older than this (a minute of slack for clocks across
         # nodes): a restarted producer scans only that much of topic A to find where to resume.
@@ -203,7 +279,8 @@ def run_pipeline(
         producer_refs = {name: h.run.remote() for name, h in producers.items()}
         progress = Progress()
         control = RunControl(settings, progress, actors, stage_refs, gpus)
-        produced = _drain(settings, plan, actors, producer_refs, stage_refs, progress, on_progress, on_tick and (lambda: on_tick(control)))
+        workers = RayWorkers(actors, stage_refs, producer_refs)
+        produced = drain(settings, plan, workers, progress, on_progress, on_tick and (lambda: on_tick(control)))
         wall = time.time() - t0
         for handle in actors.values():
             handle.stop.remote()
@@ -222,44 +299,34 @@ def run_pipeline(
             ray.shutdown()
 
 
-def _drain(
+def drain(
     settings: Settings,
     plan: RunPlan,
-    actors: dict[str, Any],
-    producer_refs: dict[str, Any],
-    stage_refs: dict[str, Any],
+    workers: Workers,
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
     on_tick: Callable[[], None] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Watch the actors until every stream is fully processed; returns the producers' results."""
-    import ray
+    """Watch the workers until every stream is fully processed; returns the producers' results.
 
+    Raises:
+        PipelineError: a stage or producer failed, or nothing changed for ``plan.stall_timeout_s``.
+    """
     produced: dict[str, dict[str, Any]] = {}
     stream_ids = [s.stream_id for s in plan.sources]
     last_change, last_line = time.monotonic(), ""
     interrupted = False
     while True:
         try:
-            time.sleep(POLL_INTERVAL_S)  # ray.wait on no refs returns at once: never spin on the actors
-            ready, _ = ray.wait(list(producer_refs.values()), num_returns=len(producer_refs), timeout=0)
-            for name, ref in list(producer_refs.items()):
-                if ref in ready:
-                    produced[name] = _get(ref, name)
-                    del producer_refs[name]
-            done_stages, _ = ray.wait(list(stage_refs.values()), timeout=0)
-            for name, ref in stage_refs.items():
-                if ref in done_stages:
-                    _get(ref, name)  # raises the stage's error; a clean return here is unexpected
-                    raise PipelineError(f"stage actor {name} stopped before the run was complete")
-            stats = _gather_stats(actors)
+            time.sleep(POLL_INTERVAL_S)  # never spin on the workers
+            produced.update(workers.finished_producers())
+            stats = workers.poll()
         except KeyboardInterrupt:
             if interrupted:
                 raise
             interrupted = True
             logger.warning("interrupted: stopping producers and draining what they published (Ctrl-C again to abort)")
-            for name in producer_refs:
-                actors[name].stop.remote()
+            workers.stop_producers()
             continue
         progress.update(stats)
         progress.sample()
@@ -272,34 +339,28 @@ def _drain(
             last_change, last_line = time.monotonic(), line
         elif time.monotonic() - last_change > plan.stall_timeout_s:
             raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}")
-        if producer_refs or not progress.streams_complete(stream_ids):
+        if workers.producers_left() or not progress.streams_complete(stream_ids):
             continue
         lag = group_lag(settings.kafka, settings.group("crop"), [settings.topics.detected_frames.name])
         if sum(lag.values()) == 0:
             return produced
 
 
-def _wait_ready(settings: Settings, actors: dict[str, Any], stage_refs: dict[str, Any], timeout_s: float) -> None:
-    """Block until every stage actor has loaded its model and its group owns every input partition.
+def _wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
+    """Block until every stage worker has loaded its model and its group owns every input partition.
 
     Timings then start at the first frame, and no frame waits for a late rebalance.
     """
-    import ray
-
     inputs = {"inter": settings.topics.frames, "crop": settings.topics.detected_frames, "count": settings.topics.detections}
+    names = workers.stage_names()
     deadline = time.monotonic() + timeout_s
     started = time.monotonic()
     waiting = "start-up"
     while True:
         if time.monotonic() > deadline:
-            raise PipelineError(f"stage actors not ready after {timeout_s:.0f}s: {waiting}")
-        done, _ = ray.wait(list(stage_refs.values()), timeout=0)
-        for name, ref in stage_refs.items():
-            if ref in done:
-                _get(ref, name)
-                raise PipelineError(f"stage actor {name} stopped during start-up")
-        stats = {s["name"]: s for s in _gather_stats({n: actors[n] for n in stage_refs})}
-        not_ready = sorted(n for n in stage_refs if not stats.get(n, {}).get("ready"))
+            raise PipelineError(f"stage workers not ready after {timeout_s:.0f}s: {waiting}")
+        stats = {s["name"]: s for s in workers.poll() if s.get("name") in names}
+        not_ready = sorted(n for n in names if not stats.get(n, {}).get("ready"))
         unowned = []
         for stage, spec in inputs.items():
             members = [s for s in stats.values() if s.get("stage") == stage]
@@ -310,8 +371,7 @@ def _wait_ready(settings: Settings, actors: dict[str, Any], stage_refs: dict[str
                 unowned.append(stage)
                 if idle and time.monotonic() - started > REJOIN_AFTER_S:
                     # Seen here: a member left out of a finished rebalance stays idle for the whole run.
-                    for name in idle:
-                        actors[name].rejoin.remote()
+                    workers.rejoin(idle)
                     started = time.monotonic()
         if not not_ready and not unowned:
             return

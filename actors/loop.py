@@ -253,11 +253,24 @@ class StageWorker:
             self._failures_in_a_row, self.last_error = 0, None
         if not self.exactly_once:
             self.commit(records)
+        self.batch_done(records)
+        self._measure_lag()
+
+    def batch_done(self, records: list[Any]) -> None:
+        """The batch and its outputs are durable: publish its effects to stats.
+
+        The Faust engine, whose agents call ``process`` themselves, calls this too.
+        """
+        self._dead_letters = []
         self.on_commit()
         with self._lock:
             self.counters["records_in"] += len(records)
             self._rate.append((time.monotonic(), self.counters["frames_in"]))
-        self._measure_lag()
+
+    def report_position(self, assigned: int, lag: int | None) -> None:
+        """Partitions owned and records left in them, for stats (the Faust engine measures its own)."""
+        self.assigned = assigned
+        self._lag = lag
 
     def _abort(self) -> None:
         """Abort the open transaction; if even that fails, drop the producer (its successor aborts it)."""
@@ -352,8 +365,7 @@ class StageWorker:
         except Exception:  # best effort: stats must never break the loop
             logger.debug("lag measurement failed", exc_info=True)
             return
-        self._lag = total
-        self.assigned = len(consumer.assignment())
+        self.report_position(len(consumer.assignment()), total)
 
     def fps(self) -> float:
         with self._lock:

@@ -111,3 +111,52 @@ def test_cli_rejects_an_unknown_engine_in_one_line() -> None:
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: invalid --engine 'flink'")
     assert "Traceback" not in proc.stderr
+
+
+def test_the_moving_window_changelog_is_made_by_the_engine_with_source_partitions() -> None:
+    from actors.faust_app import moving_changelog
+
+    s = Settings.model_validate({"group_prefix": "g1", "topics": {"detections": {"name": "c", "partitions": 4}}})
+    spec = moving_changelog(s)
+    assert spec.name == "g1-count-moving-changelog"  # Faust's name: <app id>-<table>-changelog
+    assert spec.partitions == 4 and spec.config["cleanup.policy"] == "compact,delete"
+
+
+def test_faust_workers_report_each_finished_producer_once(tmp_path) -> None:
+    import json
+
+    from actors.faust_engine import FaustProcess, FaustWorkers
+
+    producers = {n: FaustProcess(n, "producer", [], tmp_path, max_restarts=0) for n in ("producer-a", "producer-b")}
+    group = FaustWorkers({}, producers, ray=None)
+    (tmp_path / "producer-a.result.json").write_text(json.dumps({"stream_id": "a", "frames_published": 3}))
+    (tmp_path / "producer-b.result.json").write_text(json.dumps({"error": "SourceError: cannot open b.mp4"}))
+    with pytest.raises(Exception, match="cannot open b.mp4"):
+        group.finished_producers()
+    producers.pop("producer-b")
+    assert group.finished_producers() == {"producer-a": {"stream_id": "a", "frames_published": 3}}
+    assert group.finished_producers() == {} and group.producers_left() == 0
+
+
+def test_held_gaps_stop_faust_committing_past_skipped_offsets_until_released() -> None:
+    """Faust's own offset bookkeeping (``Consumer._new_offset``) with vapipe's hold on gap marking."""
+    import asyncio
+    from collections import defaultdict
+
+    from faust.transport.consumer import Consumer
+    from faust.types import TP
+    from intervaltree import IntervalTree
+
+    from actors.faust_app import hold_faust_gaps
+
+    hold_faust_gaps()
+    tp = TP("c", 0)
+    consumer = SimpleNamespace(_acked=defaultdict(list), _acked_index=defaultdict(set), _gap=defaultdict(IntervalTree),
+                               _committed_offset=defaultdict(lambda: None))
+    consumer._committed_offset[tp] = 0
+    consumer._acked[tp] = [0, 1, 2, 9]  # offsets 3..8 were skipped: Faust went from 2 straight to 9
+    asyncio.run(Consumer._add_gap(consumer, tp, 3, 9))  # what Faust calls on the skip: held, marks nothing
+    assert Consumer._new_offset(consumer, tp) == 3  # no commit past the hole
+    consumer._committed_offset[tp], consumer._acked[tp] = 3, [9]  # after Faust committed 3
+    asyncio.run(Consumer.release_gap(consumer, tp, 3, 8))  # the agent read and processed 3..8 itself
+    assert Consumer._new_offset(consumer, tp) == 10

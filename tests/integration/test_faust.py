@@ -118,11 +118,6 @@ def test_mixed_engines_build_the_same_table_as_all_ray(faust_installed, ray_loca
     assert mixed["crops_per_label"] == all_ray["crops_per_label"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug (#6 open): in one CI run a SIGKILLed Faust count worker lost one frame's count "
-    "(149 of 150 applied, the run never completed); passes in other runs",
-)
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
     frames = 150
     s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE)
