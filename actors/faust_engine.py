@@ -37,11 +37,11 @@ from actors.launcher import (
     RunPlan,
     _summary,
     _validate_model,
-    _wait_ready,
     _write_summary,
     drain,
     run_pipeline,
     validate_sources,
+    wait_ready,
 )
 from cluster.topics import create_topics
 from pipeline.config import Settings
@@ -239,7 +239,7 @@ def run_engines(
                 workers[name] = FaustProcess(name, stage, ["stage", stage, name, str(run_dir)], run_dir, settings.faust.max_restarts)
                 workers[name].start()
         group = FaustWorkers(workers, producers, ray_workers)
-        _wait_ready(settings, group, timeout_s=plan.stall_timeout_s)
+        wait_ready(settings, group, timeout_s=plan.stall_timeout_s)
         for spec in plan.sources:
             name = f"producer-{spec.stream_id}"
             producers[name] = FaustProcess(name, "producer", ["produce", name, str(run_dir), json.dumps(dataclasses.asdict(spec))],
@@ -252,14 +252,9 @@ def run_engines(
         for w in workers.values():
             w.stop()
         if ray_workers is not None:
-            for handle in ray_workers.actors.values():
-                handle.stop.remote()
+            progress.update(ray_workers.stop())
         for w in workers.values():
             w.wait(60)
-        if ray_workers is not None:
-            import ray
-
-            progress.update(ray.get(list(ray_workers.stage_refs.values()), timeout=120))
         progress.update([s for s in (w.stats() for w in workers.values()) if s])
         summary = _summary(settings, plan, produced, progress, wall)
         summary["engines"] = dict(engines)
@@ -273,13 +268,8 @@ def run_engines(
             if p.alive():
                 p.stop()
                 p.wait(10)
-        for handle in (ray_workers.actors.values() if ray_workers is not None else []):
-            try:
-                import ray
-
-                ray.kill(handle)
-            except Exception:  # already gone
-                pass
+        if ray_workers is not None:
+            ray_workers.kill()
         if started_ray:
             import ray
 
@@ -287,7 +277,6 @@ def run_engines(
 
 
 def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str]) -> tuple[bool, RayWorkers]:
-    from actors.launcher import _launch_stage
     from cluster.raycluster import connect
 
     started = connect(settings.ray, include_dashboard=plan.include_dashboard)
@@ -297,8 +286,7 @@ def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str]) -> t
     ray_workers = RayWorkers({}, {})
     for stage in stages:
         for i in range(plan.replicas[stage]):
-            name = f"{stage}-{i}"
-            ray_workers.actors[name], ray_workers.stage_refs[name] = _launch_stage(settings, stage, name, gpus)
+            ray_workers.launch(settings, stage, f"{stage}-{i}", gpus)
     return started, ray_workers
 
 

@@ -226,6 +226,28 @@ class RayWorkers:
             if name in self.actors:
                 self.actors[name].rejoin.remote()
 
+    def launch(self, settings: Settings, stage: str, name: str, cluster_gpus: float) -> None:
+        """Start one stage actor and its ``run`` loop."""
+        self.actors[name], self.stage_refs[name] = _launch_stage(settings, stage, name, cluster_gpus)
+
+    def stop(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """Ask every actor to stop; returns the stage actors' final stats."""
+        import ray
+
+        for handle in self.actors.values():
+            handle.stop.remote()
+        return list(ray.get(list(self.stage_refs.values()), timeout=timeout_s))
+
+    def kill(self) -> None:
+        """Whatever is left, on the way out (an error, Ctrl-C, or after ``stop``)."""
+        import ray
+
+        for handle in self.actors.values():
+            try:
+                ray.kill(handle)
+            except Exception:  # already gone
+                pass
+
 
 def _launch_stage(settings: Settings, stage: str, name: str, cluster_gpus: float) -> tuple[Any, Any]:
     import ray
@@ -254,15 +276,13 @@ def run_pipeline(
     started_ray = connect(settings.ray, include_dashboard=plan.include_dashboard)
     import ray
 
-    actors: dict[str, Any] = {}
+    workers = RayWorkers({}, {})
     try:
         gpus = float(ray.cluster_resources().get("GPU", 0))
-        stage_refs: dict[str, Any] = {}
         for stage in STAGES:
             for i in range(plan.replicas[stage]):
-                name = f"{stage}-{i}"
-                actors[name], stage_refs[name] = _launch_stage(settings, stage, name, gpus)
-        _wait_ready(settings, RayWorkers(actors, stage_refs), timeout_s=plan.stall_timeout_s)
+                workers.launch(settings, stage, f"{stage}-{i}", gpus)
+        wait_ready(settings, workers, timeout_s=plan.stall_timeout_s)
         producers: dict[str, Any] = {}
         # This run's streams have no frames older than this (a minute of slack for clocks across
         # nodes): a restarted producer scans only that much of topic A to find where to resume.
@@ -271,30 +291,22 @@ def run_pipeline(
             name = f"producer-{spec.stream_id}"
             opts = actor_options(name, settings.producer.num_cpus, 0, 0)
             producers[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name, since_ms)
-        actors.update(producers)
+        workers.actors.update(producers)
         # Start every stream together: a producer whose worker process is slow to start must not
         # begin seconds after the others (and stretch the measured run).
         ray.get([h.stats.remote() for h in producers.values()], timeout=plan.stall_timeout_s)
         t0 = time.time()
-        producer_refs = {name: h.run.remote() for name, h in producers.items()}
+        workers.producer_refs = {name: h.run.remote() for name, h in producers.items()}
         progress = Progress()
-        control = RunControl(settings, progress, actors, stage_refs, gpus)
-        workers = RayWorkers(actors, stage_refs, producer_refs)
+        control = RunControl(settings, progress, workers.actors, workers.stage_refs, gpus)
         produced = drain(settings, plan, workers, progress, on_progress, on_tick and (lambda: on_tick(control)))
         wall = time.time() - t0
-        for handle in actors.values():
-            handle.stop.remote()
-        final = ray.get(list(stage_refs.values()), timeout=120)
-        progress.update(final)
+        progress.update(workers.stop())
         summary = _summary(settings, plan, produced, progress, wall)
         _write_summary(settings, plan, summary)
         return summary
     finally:
-        for handle in actors.values():
-            try:
-                ray.kill(handle)
-            except Exception:  # already gone
-                pass
+        workers.kill()
         if started_ray:
             ray.shutdown()
 
@@ -346,7 +358,7 @@ def drain(
             return produced
 
 
-def _wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
+def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
     """Block until every stage worker has loaded its model and its group owns every input partition.
 
     Timings then start at the first frame, and no frame waits for a late rebalance.

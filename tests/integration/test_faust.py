@@ -12,23 +12,23 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from actors.launcher import RunPlan
 from actors.stages import read_table
 from pipeline.config import Settings
-from pipeline.crop import load_index
 from pipeline.sources import parse_source
 from tests.conftest import _missing
-from tests.integration.test_pipeline import detections_on_c, reference_detections
+from tests.integration.test_pipeline import (
+    assert_detections_and_crops_match_reference,
+    detections_on_c,
+    direct_vehicle_count,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
 
 AT_LEAST_ONCE = {"processing_guarantee": "at_least_once"}
 """The Faust engine runs at-least-once only (faust-streaming#440); the Ray engine defaults to exactly-once."""
-
-VEHICLES = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
 
 
 @pytest.fixture(scope="session")
@@ -48,15 +48,6 @@ def run(settings: Settings, engine: str, sources: list[str], inter: int = 1, cro
     return run_engines(settings, plan, parse_engines(engine), on_progress=on_progress)
 
 
-def direct_vehicle_count(detections: dict[int, Any]) -> dict[str, int]:
-    direct: dict[str, int] = {}
-    for d in detections.values():
-        for label, conf in zip(d.labels, d.confidence):
-            if label in VEHICLES and conf > 0.5:
-                direct[label] = direct.get(label, 0) + 1
-    return direct
-
-
 @pytest.mark.parametrize("inter", [1, 3])
 def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_settings, highway: str, inter: int) -> None:
     frames = 150
@@ -74,23 +65,7 @@ def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_setting
     assert set(summary["actors"]) >= {f"inter-{i}" for i in range(inter)}
     assert all(a.get("peak_rss_mb") for n, a in summary["actors"].items() if not n.startswith("producer"))
 
-    crops_root = Path(s.output_dir) / "crops"
-    index = load_index(crops_root)
-    assert index and all(e["confidence"] > 0.7 for e in index.values())
-    for e in index.values():
-        path = crops_root / e["path"]
-        assert path.is_file() and path.parent.name == e["label"]
-    assert {p.stem for p in crops_root.glob("*/*.jpg")} == set(index)
-
-    got = detections_on_c(s, "hw")
-    want = reference_detections(s, "hw")
-    assert sorted(got) == sorted(want) == list(range(frames))
-    for i in range(frames):
-        assert got[i].labels == want[i].labels, f"frame {i}"
-        np.testing.assert_allclose(got[i].confidence, want[i].confidence, atol=1e-5, err_msg=f"frame {i}")
-        np.testing.assert_allclose(got[i].xyxy, want[i].xyxy, atol=1e-3, err_msg=f"frame {i}")
-    assert len(index) == sum(int((d.confidence > 0.7).sum()) for d in got.values())
-
+    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames)
     direct = direct_vehicle_count(got)
     assert summary["vehicles"]["hw"] == direct
     # The Faust table's changelog is the Ray engine's: the same snapshot format, readable by `vapipe counts`.

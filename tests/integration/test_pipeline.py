@@ -70,6 +70,28 @@ def test_highway_end_to_end_every_frame_counted_once(ray_local, make_settings, h
     assert summary["frames_processed"]["count"] == frames  # applied once each
     assert set(summary["actors"]) >= {f"inter-{i}" for i in range(inter)}
 
+    got, index = assert_detections_and_crops_match_reference(s, "hw", frames)
+    assert summary["vehicles"]["hw"] == direct_vehicle_count(got)
+
+
+VEHICLES = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
+
+
+def direct_vehicle_count(detections: dict[int, Any], labels: Any = VEHICLES) -> dict[str, int]:
+    """The vehicle table as it should be: a direct count of the detections above 0.5."""
+    direct: dict[str, int] = {}
+    for d in detections.values():
+        for label, conf in zip(d.labels, d.confidence):
+            if label in labels and conf > 0.5:
+                direct[label] = direct.get(label, 0) + 1
+    return direct
+
+
+def assert_detections_and_crops_match_reference(s: Settings, stream_id: str, frames: int) -> tuple[dict[int, Any], dict[str, Any]]:
+    """Detections on C equal a one-process run of the model; crops are exactly C's boxes above 0.7.
+
+    Returns C's detections per frame and the crop index, for further checks.
+    """
     # Crops: only confidences > 0.7, each in its label's folder.
     crops_root = Path(s.output_dir) / "crops"
     index = load_index(crops_root)
@@ -77,30 +99,20 @@ def test_highway_end_to_end_every_frame_counted_once(ray_local, make_settings, h
     for e in index.values():
         path = crops_root / e["path"]
         assert path.is_file() and path.parent.name == e["label"]
-    on_disk = {p.stem for p in crops_root.glob("*/*.jpg")}
-    assert on_disk == set(index)
+    assert {p.stem for p in crops_root.glob("*/*.jpg")} == set(index)
 
     # Detections on C equal, frame by frame, the same model run in one process on A's JPEG bytes.
-    got = detections_on_c(s, "hw")
-    want = reference_detections(s, "hw")
+    got = detections_on_c(s, stream_id)
+    want = reference_detections(s, stream_id)
     assert sorted(got) == sorted(want) == list(range(frames))
     for i in range(frames):
         assert got[i].labels == want[i].labels, f"frame {i}"
         np.testing.assert_allclose(got[i].confidence, want[i].confidence, atol=1e-5, err_msg=f"frame {i}")
         np.testing.assert_allclose(got[i].xyxy, want[i].xyxy, atol=1e-3, err_msg=f"frame {i}")
 
-    # Crop stage kept exactly the boxes above 0.7 from C.
-    expected_crops = sum(int((d.confidence > 0.7).sum()) for d in got.values())
-    assert len(index) == expected_crops
-
-    # The vehicle table equals a direct count of C's vehicles above 0.5.
-    vehicles = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
-    direct: dict[str, int] = {}
-    for d in got.values():
-        for label, conf in zip(d.labels, d.confidence):
-            if label in vehicles and conf > 0.5:
-                direct[label] = direct.get(label, 0) + 1
-    assert summary["vehicles"]["hw"] == direct
+    # The crop stage kept exactly the boxes above 0.7 from C.
+    assert len(index) == sum(int((d.confidence > 0.7).sum()) for d in got.values())
+    return got, index
 
 
 def test_two_streams_keep_their_counts_apart(ray_local, make_settings, highway: str, race: str) -> None:
@@ -109,12 +121,7 @@ def test_two_streams_keep_their_counts_apart(ray_local, make_settings, highway: 
     assert summary["per_stream"]["hw"]["counted"] == 20
     assert summary["per_stream"]["race"]["counted"] == 20
     for stream in ("hw", "race"):
-        direct: dict[str, int] = {}
-        for d in detections_on_c(s, stream).values():
-            for label, conf in zip(d.labels, d.confidence):
-                if label in s.counting.labels and conf > 0.5:
-                    direct[label] = direct.get(label, 0) + 1
-        assert summary["vehicles"][stream] == direct
+        assert summary["vehicles"][stream] == direct_vehicle_count(detections_on_c(s, stream), s.counting.labels)
     assert summary["vehicles"]["hw"] != summary["vehicles"]["race"]
 
 
