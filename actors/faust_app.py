@@ -213,6 +213,21 @@ class SkippedRecords:
         """A rebalance: Faust restarts every partition at its committed offset."""
         self._next.clear()
 
+    def advance(self, records: list[EventRecord]) -> bool:
+        """Move past ``records`` if each follows on from the last one seen in its partition.
+
+        The per-event fast path, without I/O: False, moving nothing, when a partition is new
+        since the last rebalance or a record lies past a hole; then ``find`` (blocking) decides.
+        """
+        seen: dict[int, int] = {}
+        for r in records:
+            expected = seen.get(r.partition, self._next.get(r.partition))
+            if expected is None or r.offset > expected:
+                return False
+            seen[r.partition] = max(expected, r.offset + 1)
+        self._next.update(seen)
+        return True
+
     def find(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[tuple[int, int, int]]]:
         """The skipped records before ``records`` and the holes they fill, as (partition, start, end)."""
         skipped: list[EventRecord] = []
@@ -387,7 +402,7 @@ class FaustStage:
         async for events in stream.take_events(cfg.batch_size, within=cfg.poll_timeout_ms / 1000):
             records = [EventRecord.of(e) for e in events]
             try:
-                skipped, holes = await asyncio.to_thread(self.skips.find, records)
+                skipped, holes = await self._skipped_before(records)
                 records = skipped + records
                 # Detection and JPEG work block; a thread keeps Faust's heartbeats and fetches going.
                 await asyncio.to_thread(self.worker.process, records)
@@ -406,7 +421,7 @@ class FaustStage:
             records = [EventRecord.of(event)]
             sends: list[Any] = []
             try:
-                skipped, holes = await asyncio.to_thread(self.skips.find, records)
+                skipped, holes = await self._skipped_before(records)
                 records = skipped + records  # all of one partition: the event's table writes go to its changelog partition
                 for record in records:
                     self._sync_from_table(record.key)
@@ -426,6 +441,11 @@ class FaustStage:
             except Exception as exc:
                 self._die(exc, records)
             self._done(records)
+
+    async def _skipped_before(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[tuple[int, int, int]]]:
+        if self.skips.advance(records):
+            return [], []
+        return await asyncio.to_thread(self.skips.find, records)  # reads Kafka: off the event loop
 
     async def _release(self, holes: list[tuple[int, int, int]]) -> None:
         """Let Faust commit past offsets whose records this agent read and processed itself."""

@@ -56,8 +56,9 @@ def test_skipped_records_are_found_from_offsets_and_read_back(make_settings) -> 
     skipped, holes = guard.find([_event(topic, 4)])
     assert [(r.offset, r.value) for r in skipped] == [(2, b"2"), (3, b"3")]
     assert holes == [(0, 2, 4)]
-    # In order: nothing to read.
-    assert guard.find([_event(topic, 5), _event(topic, 6)]) == ([], [])
+    # In order: nothing to read, and no lookup needed.
+    assert guard.advance([_event(topic, 5), _event(topic, 6)])
+    assert not guard.advance([_event(topic, 9)])  # a hole: find must read it
     # 6 then 9: 7 and 8 were skipped (the case seen after a SIGKILL and a rebalance).
     skipped, holes = guard.find([_event(topic, 9)])
     assert [r.value for r in skipped] == [b"7", b"8"] and holes == [(0, 7, 9)]
@@ -65,6 +66,7 @@ def test_skipped_records_are_found_from_offsets_and_read_back(make_settings) -> 
     assert guard.find([_event(topic, 3)]) == ([], [])
     # After a rebalance the guard starts again from the committed offset.
     guard.forget()
+    assert not guard.advance([_event(topic, 3)])  # a new assignment: find must look up the committed offset
     skipped, _ = guard.find([_event(topic, 3)])
     assert [r.offset for r in skipped] == [2]
 
