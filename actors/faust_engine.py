@@ -29,21 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from actors.faust_app import moving_changelog, settings_to_json
-from actors.kafka_io import check_broker
 from actors.launcher import (
     STAGES,
     Progress,
     RayWorkers,
     RunPlan,
-    _summary,
-    _validate_model,
-    _write_summary,
     drain,
+    prepare_run,
     run_pipeline,
-    validate_sources,
+    summarise,
     wait_ready,
+    write_summary,
 )
-from cluster.topics import create_topics
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
 
@@ -213,11 +210,7 @@ def run_engines(
     from actors.faust_app import faust_guarantee
 
     faust_guarantee(settings)
-    plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
-    validate_sources(plan.sources)
-    _validate_model(settings, plan.allow_calibration)
-    check_broker(settings.kafka)
-    create_topics(settings.kafka, settings.topics.all() + ([moving_changelog(settings)] if engines["count"] == "faust" else []))
+    prepare_run(settings, plan, extra_topics=[moving_changelog(settings)] if engines["count"] == "faust" else [])
     run_dir = _run_dir(settings, plan.run_id)
     settings_file = run_dir / "settings.json"
     settings_file.touch(mode=0o600)
@@ -256,12 +249,12 @@ def run_engines(
         for w in workers.values():
             w.wait(60)
         progress.update([s for s in (w.stats() for w in workers.values()) if s])
-        summary = _summary(settings, plan, produced, progress, wall)
+        summary = summarise(settings, plan, produced, progress, wall)
         summary["engines"] = dict(engines)
         summary["restarts"] = {n: w.restarts for n, w in workers.items() if w.restarts}
         summary["moving_window"] = _moving_window(progress)
         summary["processing_guarantee"] = settings.processing_guarantee
-        _write_summary(settings, plan, summary)
+        write_summary(settings, plan, summary)
         return summary
     finally:
         for p in list(producers.values()) + list(workers.values()):

@@ -23,13 +23,16 @@ from actors.ray_actors import ProducerActor, StageActor, actor_options
 from actors.stages import percentiles, read_table
 from cluster.raycluster import connect
 from cluster.topics import create_topics
-from pipeline.config import Settings
+from pipeline.config import Settings, TopicSpec
 from pipeline.crop import load_index
 from pipeline.detector import check_model, is_calibration
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.sources import SourceSpec, VideoSource
 
-__all__ = ["RunPlan", "run_pipeline", "validate_sources", "new_run_id"]
+__all__ = [
+    "RunPlan", "Progress", "Workers", "RayWorkers", "run_pipeline", "prepare_run", "wait_ready", "drain", "summarise",
+    "write_summary", "validate_sources", "new_run_id",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +260,20 @@ def _launch_stage(settings: Settings, stage: str, name: str, cluster_gpus: float
     return handle, handle.run.remote()
 
 
+def prepare_run(settings: Settings, plan: RunPlan, extra_topics: list[TopicSpec] | None = None) -> None:
+    """Before any worker starts, whatever the engine: name this run's streams, check the sources,
+    the model and the broker, and create the topics.
+
+    Raises:
+        PipelineError: a bad source or model, or a broker that cannot be reached.
+    """
+    plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
+    validate_sources(plan.sources)
+    _validate_model(settings, plan.allow_calibration)
+    check_broker(settings.kafka)
+    create_topics(settings.kafka, settings.topics.all() + list(extra_topics or []))
+
+
 def run_pipeline(
     settings: Settings,
     plan: RunPlan,
@@ -268,11 +285,7 @@ def run_pipeline(
     Raises:
         PipelineError: bad source, model, broker, or a stage that failed.
     """
-    plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
-    validate_sources(plan.sources)
-    _validate_model(settings, plan.allow_calibration)
-    check_broker(settings.kafka)
-    create_topics(settings.kafka, settings.topics.all())
+    prepare_run(settings, plan)
     started_ray = connect(settings.ray, include_dashboard=plan.include_dashboard)
     import ray
 
@@ -302,8 +315,8 @@ def run_pipeline(
         produced = drain(settings, plan, workers, progress, on_progress, on_tick and (lambda: on_tick(control)))
         wall = time.time() - t0
         progress.update(workers.stop())
-        summary = _summary(settings, plan, produced, progress, wall)
-        _write_summary(settings, plan, summary)
+        summary = summarise(settings, plan, produced, progress, wall)
+        write_summary(settings, plan, summary)
         return summary
     finally:
         workers.kill()
@@ -420,7 +433,7 @@ def _get(ref: Any, name: str) -> Any:
         raise PipelineError(f"{name} died: {exc}") from None
 
 
-def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, Any]], progress: Progress, wall: float) -> dict[str, Any]:
+def summarise(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, Any]], progress: Progress, wall: float) -> dict[str, Any]:
     stream_ids = [s.stream_id for s in plan.sources]
     table = read_table(settings)
     crops = [e for e in load_index(Path(settings.output_dir) / "crops").values() if e["stream_id"] in stream_ids]
@@ -468,7 +481,7 @@ def _summary(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, An
     }
 
 
-def _write_summary(settings: Settings, plan: RunPlan, summary: dict[str, Any]) -> Path:
+def write_summary(settings: Settings, plan: RunPlan, summary: dict[str, Any]) -> Path:
     folder = Path(settings.output_dir) / "runs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{plan.run_id}.json"
