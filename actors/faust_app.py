@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import io
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from actors.loop import StageWorker
 from actors.stages import CountWorker, CropWorker, InterWorker
 from pipeline.codecs import Record, decode_json
 from pipeline.config import Settings, TopicSpec
-from pipeline.errors import BrokerError, ConfigError, DecodeError
+from pipeline.errors import BrokerError, ConfigError, DecodeError, PipelineError
 
 __all__ = [
     "FaustStage", "EventRecord", "CollectingProducer", "SkippedRecords", "faust_guarantee", "hold_faust_gaps",
@@ -302,6 +303,8 @@ class FaustStage:
         self.stopped = False
         """Set once the Faust worker has shut down, for the last stats written."""
         self._positions: dict[int, int] = {}
+        self._progress_at = time.monotonic()
+        """When this worker last finished a batch, or last got partitions (for the stuck check)."""
         cfg = settings.faust
         detections = settings.topics.detections
         datadir = Path(settings.output_dir).resolve() / "faust-data" / name
@@ -340,9 +343,32 @@ class FaustStage:
         else:
             self.app.agent(source, name=f"vapipe.{stage}")(self._batch_agent)
         self.app.timer(0.5)(self._write_stats)
+        self.app.timer(5.0)(self._restart_if_stuck)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         self.skips.forget()
+
+    async def _on_assigned(self, app: Any, assigned: Any, **kwargs: Any) -> None:
+        self._progress_at = time.monotonic()  # table recovery and the first fetch are not a stall
+
+    async def _restart_if_stuck(self) -> None:
+        """End a worker that owns waiting records and has processed none for ``faust.stuck_after_s``.
+
+        Seen once in CI: a count worker restarted after a SIGKILL processed one record, then
+        nothing for four minutes with 133 records waiting, and logged nothing. The engine
+        restarts the process and it resumes at the last commit, as after any failure; the
+        tasks' stacks go to the worker's log, for finding the cause.
+        """
+        stats = self.stats()
+        idle_s = time.monotonic() - self._progress_at
+        if not stats["ready"] or not stats["lag"] or idle_s < self.settings.faust.stuck_after_s:
+            return
+        stacks = io.StringIO()
+        for task in asyncio.all_tasks():
+            task.print_stack(limit=12, file=stacks)
+        logger.error("%s: stuck, task stacks:\n%s", self.name, stacks.getvalue())
+        self._die(PipelineError(f"no record processed for {idle_s:.0f}s with {stats['lag']} waiting"), [])
 
     # -- topics and tables ---------------------------------------------------
     def topic(self, name: str) -> Any:
@@ -502,6 +528,7 @@ class FaustStage:
     def _done(self, records: list[EventRecord]) -> None:
         """Outputs are acknowledged (or buffered for Faust's pre-commit flush): publish the batch's effects."""
         self.worker.batch_done(records)  # its dead letters went out with the batch's other records
+        self._progress_at = time.monotonic()
         for r in records:
             self._positions[r.partition] = max(self._positions.get(r.partition, -1), r.offset + 1)
 

@@ -210,6 +210,9 @@ class FaustConfig(_Frozen):
     """Faust standby copies of each table partition on other count workers (0: recover from the changelog)."""
     max_restarts: int = Field(3, ge=0)
     """A Faust worker process that dies is restarted this often (as Ray restarts an actor)."""
+    stuck_after_s: float = Field(60.0, gt=0)
+    """A Faust worker that owns records waiting and processes none for this long logs its tasks
+    and exits, to be restarted (Faust's own stream_processing_timeout only logs)."""
 
 
 class Settings(_Frozen):

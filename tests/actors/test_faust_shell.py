@@ -160,3 +160,29 @@ def test_held_gaps_stop_faust_committing_past_skipped_offsets_until_released() -
     consumer._committed_offset[tp], consumer._acked[tp] = 3, [9]  # after Faust committed 3
     asyncio.run(Consumer.release_gap(consumer, tp, 3, 8))  # the agent read and processed 3..8 itself
     assert Consumer._new_offset(consumer, tp) == 10
+
+
+def test_a_worker_with_records_waiting_and_no_progress_exits_to_be_restarted(tmp_path, monkeypatch) -> None:
+    import asyncio
+    import time
+
+    from actors import faust_app
+    from actors.faust_app import FaustStage
+
+    s = Settings.model_validate({"output_dir": str(tmp_path), "processing_guarantee": "at_least_once", "faust": {"stuck_after_s": 30}})
+    stage = FaustStage(s, "crop", "crop-0")
+    exits: list[int] = []
+    monkeypatch.setattr(faust_app.os, "_exit", exits.append)
+    waiting = {"ready": True, "lag": 5}
+    monkeypatch.setattr(stage, "stats", lambda: waiting)
+
+    stage._progress_at = time.monotonic() - 10  # idle, but not for long
+    asyncio.run(stage._restart_if_stuck())
+    assert exits == []
+    waiting["lag"] = 0  # idle for long, but nothing waiting
+    stage._progress_at = time.monotonic() - 60
+    asyncio.run(stage._restart_if_stuck())
+    assert exits == []
+    waiting["lag"] = 5
+    asyncio.run(stage._restart_if_stuck())
+    assert exits == [3] and "no record processed for 60s with 5 waiting" in stage.crashed

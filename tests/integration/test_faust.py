@@ -111,7 +111,8 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
     summary = run(s, "faust", [f"hw={highway}"], inter=1, count=2, on_progress=kill_the_owner)
 
     assert killed, "the run ended before a count worker could be killed"
-    assert summary["restarts"].get(killed[0]) == 1
+    # At least the kill; a worker found stuck afterwards is restarted too (faust.stuck_after_s).
+    assert summary["restarts"].get(killed[0], 0) >= 1
     assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
     table = read_table(s)["hw"]
     assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_above"] == []
