@@ -568,6 +568,7 @@ class FaustStage:
             "pid": os.getpid(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "crashed": self.crashed,
+            "skipped_read": self.skips.records_read,  # records Faust skipped, read back and processed
         }
         out["running"] = self.crashed is None and not self.stopped
         if self.stage == "count":
