@@ -172,7 +172,7 @@ def produce(
     """Publish sources to topic A from this machine (one thread per stream, with progress bars)."""
     from tqdm import tqdm
 
-    from actors.kafka_io import check_broker
+    from cluster.clients import check_broker
     from actors.launcher import validate_sources
     from actors.producer import FrameProducer
     from pipeline.sources import parse_source
@@ -226,7 +226,7 @@ def _run(s: Settings, sources: list[str], inter: int | None, crop: int | None, c
 
     engines = None
     if engine != "ray":
-        from actors.faust_engine import parse_engines
+        from actors.faust.engine import parse_engines
 
         engines = parse_engines(engine)  # a typo fails before anything starts
 
@@ -240,7 +240,7 @@ def _run(s: Settings, sources: list[str], inter: int | None, crop: int | None, c
     if engines is None:
         summary = run_pipeline(s, plan, on_progress=_progress_printer())
     else:
-        from actors.faust_engine import run_engines
+        from actors.faust.engine import run_engines
 
         summary = run_engines(s, plan, engines, on_progress=_progress_printer())
     if sys.stderr.isatty():
@@ -302,7 +302,7 @@ def status(
 
 
 def _faust_status() -> None:
-    from actors.faust_engine import faust_status
+    from actors.faust.engine import faust_status
 
     rows = faust_status(settings())
     if not rows:
@@ -340,7 +340,7 @@ def demo(
     model: Annotated[Optional[str], typer.Option(help="Model name or path (default: VAPIPE_MODEL__NAME or the official yolov8n.pt).")] = None,
 ) -> None:
     """Start Kafka and Ray if needed, run the pipeline on a short clip, print the summary, stop what it started."""
-    from actors.kafka_io import check_broker
+    from cluster.clients import check_broker
     from cluster.broker import KafkaBroker
 
     s = settings(**{"model.name": model, "producer.max_frames": frames})
@@ -378,9 +378,9 @@ def bench_overhead(
     out: OutOpt = Path("output/bench/overhead"),
 ) -> None:
     """Pipeline (1 InterConsumer) frames/s against a bare ultralytics loop over the same frames."""
-    from actors.bench import overhead
+    from bench.experiments import overhead
 
-    from actors.report import write_report
+    from bench.report import write_report
 
     s = settings(**{"model.name": model})
     result = overhead(s, source or _default_video(), frames, repeat, on_progress=_progress_printer())
@@ -402,8 +402,8 @@ def chaos_cmd(
 
     Exits 1 if any fault lost a frame, counted one twice or changed the crop corpus.
     """
-    from actors.chaos import FAULTS, chaos
-    from actors.report import write_report
+    from bench.chaos import FAULTS, chaos
+    from bench.report import write_report
 
     if list_faults:
         for name, what in FAULTS.items():
@@ -466,8 +466,8 @@ def bench_weak(
 
 
 def _scaling(mode: str, replicas: str, frames: int, repeat: int, model: str, source: str, out: Path) -> None:
-    from actors.bench import scaling
-    from actors.report import write_report
+    from bench.experiments import scaling
+    from bench.report import write_report
 
     s = settings(**{"model.name": model})
     result = scaling(s, mode, _ints(replicas), frames, repeat, source or _default_video(), on_progress=_progress_printer())  # type: ignore[arg-type]
@@ -487,8 +487,8 @@ def bench_sweep(
     out: OutOpt = Path("output/bench/sweep"),
 ) -> None:
     """The study's future work: batch size, input frame rate and JPEG quality vs throughput and agreement."""
-    from actors.bench import sweep
-    from actors.report import write_report
+    from bench.experiments import sweep
+    from bench.report import write_report
 
     s = settings(**{"model.name": model})
     fps_values = [0.0 if x.strip() == "max" else float(x) for x in fps.split(",") if x.strip()]
@@ -509,8 +509,8 @@ def bench_compare(
     out: OutOpt = Path("output/bench/compare"),
 ) -> None:
     """Strong scaling of each engine side by side: throughput, speedup, latency p50/p99, memory per worker."""
-    from actors.bench import compare_engines
-    from actors.report import write_report
+    from bench.experiments import compare_engines
+    from bench.report import write_report
 
     model_list = [m.strip() for m in models.split(",") if m.strip()] or ["sleep:40ms", _default_model()]
     engine_list = [e.strip() for e in engines.split(",") if e.strip()]

@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from actors.kafka_io import check_broker, group_lag
-from actors.ray_actors import ProducerActor, StageActor, actor_options
+from cluster.clients import check_broker
+from cluster.reading import group_lag
+from actors.ray.actors import ProducerActor, StageActor, actor_options
 from actors.stages import percentiles, read_table
 from cluster.raycluster import connect
 from cluster.topics import create_topics
@@ -157,7 +158,7 @@ class RunControl:
 class Workers(Protocol):
     """The running workers of one run, whichever engine runs them: what the run loop watches.
 
-    ``RayWorkers`` are Ray actors; ``actors.faust_engine.FaustWorkers`` are Faust
+    ``RayWorkers`` are Ray actors; ``actors.faust.engine.FaustWorkers`` are Faust
     processes, possibly next to Ray stage actors.
     """
 

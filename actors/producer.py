@@ -23,7 +23,9 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError, MessageSizeTooLargeError
 
-from actors.kafka_io import finish_transaction, make_consumer, make_producer, records_in_range, send_record, topic_partitions
+from cluster.clients import finish_transaction, make_consumer, make_producer, send_record
+from cluster.reading import records_in_range
+from cluster.topics import topic_partitions
 from pipeline.codecs import decode_frame, encode_end_of_stream, encode_frame, encode_jpeg, fit_jpeg
 from pipeline.config import Settings
 from pipeline.errors import BrokerError, DecodeError, SourceError

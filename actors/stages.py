@@ -15,8 +15,9 @@ from typing import Any
 
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
-from actors.kafka_io import read_all, send_record
-from actors.loop import StageWorker
+from cluster.clients import send_record
+from cluster.reading import read_all
+from actors.worker import StageWorker
 from pipeline.codecs import (
     Record,
     decode_detected_frame,

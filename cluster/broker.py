@@ -227,7 +227,7 @@ class KafkaBroker:
             except OSError:
                 time.sleep(0.3)
                 continue
-            from actors.kafka_io import check_broker
+            from cluster.clients import check_broker
 
             try:
                 check_broker(self.kafka.model_copy(update={"bootstrap_servers": f"{host}:{port}", "connect_timeout_s": 5}))

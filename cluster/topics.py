@@ -9,7 +9,7 @@ from typing import Any
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPartitionError
 
-from actors.kafka_io import make_admin
+from cluster.clients import make_admin
 from pipeline.config import KafkaConfig, TopicSpec
 from pipeline.errors import TopicError
 
@@ -117,3 +117,25 @@ def delete_topics(kafka: KafkaConfig, names: list[str]) -> list[str]:
         return present
     finally:
         admin.close()
+
+
+def topic_partitions(cfg: KafkaConfig, topic: str) -> list[int]:
+    """A topic's partitions as the broker's controller knows them.
+
+    A producer's own metadata can list only some partitions of a topic created moments
+    before; spreading frames over that subset would leave the replicas that own the
+    others idle for the whole run.
+
+    Raises:
+        BrokerError: the topic does not exist.
+    """
+    admin = make_admin(cfg)
+    try:
+        for t in admin.describe_topics([topic]):
+            if t.get("name") == topic and not t.get("error_code") and t.get("partitions"):
+                return sorted(p["partition_index"] for p in t["partitions"])
+    except KafkaError as exc:
+        raise BrokerError(f"cannot describe topic {topic} on {cfg.bootstrap_servers}: {exc}") from None
+    finally:
+        admin.close()
+    raise BrokerError(f"topic {topic} does not exist on {cfg.bootstrap_servers}: run `vapipe topics create`")

@@ -63,7 +63,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a real broker: $VAPIPE_TEST_BOOTSTRAP (CI starts one) or a private one."""
-    from actors.kafka_io import check_broker
+    from cluster.clients import check_broker
     from pipeline.config import KafkaConfig
     from pipeline.errors import BrokerError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.kafka_io import check_broker
+from cluster.clients import check_broker
 from cluster.broker import KafkaBroker, server_properties
 from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 from kafka.errors import KafkaError, ProducerFencedError
 
-from actors.kafka_io import make_consumer, make_producer, read_all, send_record
+from cluster.clients import make_consumer, make_producer, send_record
+from cluster.reading import read_all
 from actors.producer import FrameProducer, stream_progress
 from actors.stages import CountWorker, InterWorker, read_table
 from cluster.topics import create_topics

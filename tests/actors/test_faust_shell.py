@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from pydantic import SecretStr
 
-from actors.faust_app import CollectingProducer, EventRecord, faust_guarantee, settings_from_json, settings_to_json
-from actors.faust_engine import parse_engines
+from actors.faust.app import CollectingProducer, EventRecord, faust_guarantee, settings_from_json, settings_to_json
+from actors.faust.engine import parse_engines
 from actors.stages import CountWorker
 from pipeline.codecs import decode_json, encode_detections
 from pipeline.config import KafkaConfig, Settings
@@ -85,7 +85,7 @@ def test_count_worker_runs_unchanged_behind_the_collecting_producer() -> None:
 def test_faust_status_reads_the_latest_run(tmp_path) -> None:
     import json
 
-    from actors.faust_engine import faust_status
+    from actors.faust.engine import faust_status
     from pipeline.errors import PipelineError
 
     s = Settings(output_dir=str(tmp_path))
@@ -114,7 +114,7 @@ def test_cli_rejects_an_unknown_engine_in_one_line() -> None:
 
 
 def test_the_moving_window_changelog_is_made_by_the_engine_with_source_partitions() -> None:
-    from actors.faust_app import moving_changelog
+    from actors.faust.app import moving_changelog
 
     s = Settings.model_validate({"group_prefix": "g1", "topics": {"detections": {"name": "c", "partitions": 4}}})
     spec = moving_changelog(s)
@@ -125,7 +125,7 @@ def test_the_moving_window_changelog_is_made_by_the_engine_with_source_partition
 def test_faust_workers_report_each_finished_producer_once(tmp_path) -> None:
     import json
 
-    from actors.faust_engine import FaustProcess, FaustWorkers
+    from actors.faust.engine import FaustProcess, FaustWorkers
 
     producers = {n: FaustProcess(n, "producer", [], tmp_path, max_restarts=0) for n in ("producer-a", "producer-b")}
     group = FaustWorkers({}, producers, ray=None)
@@ -147,7 +147,7 @@ def test_held_gaps_stop_faust_committing_past_skipped_offsets_until_released() -
     from faust.types import TP
     from intervaltree import IntervalTree
 
-    from actors.faust_app import hold_faust_gaps
+    from actors.faust.app import hold_faust_gaps
 
     hold_faust_gaps()
     tp = TP("c", 0)
@@ -167,7 +167,7 @@ def test_a_worker_with_records_waiting_and_no_progress_exits_to_be_restarted(tmp
     import time
 
     from actors import faust_app
-    from actors.faust_app import FaustStage
+    from actors.faust.app import FaustStage
 
     s = Settings.model_validate({"output_dir": str(tmp_path), "processing_guarantee": "at_least_once", "faust": {"stuck_after_s": 30}})
     stage = FaustStage(s, "crop", "crop-0")

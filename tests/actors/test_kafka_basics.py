@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 
-from actors.kafka_io import make_admin, make_consumer, make_producer
+from cluster.clients import make_admin, make_consumer, make_producer
 from cluster.topics import create_topics, delete_topics, describe_topics, list_topics
 from pipeline.codecs import encode_jpeg
 from pipeline.config import KafkaConfig, TopicSpec

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.kafka_io import make_producer, read_all
+from cluster.clients import make_producer
+from cluster.reading import read_all
 from actors.producer import FrameProducer
 from actors.stages import CountWorker, CropWorker, InterWorker, read_table
 from cluster.topics import create_topics

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from actors.bench import agreement, scaling, sweep
-from actors.report import write_report
+from bench.experiments import agreement, scaling, sweep
+from bench.report import write_report
 from pipeline.messages import Detections
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.slow]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.chaos import FAULTS, chaos
+from bench.chaos import FAULTS, chaos
 from cluster.broker import KafkaBroker
 from tests.conftest import private_broker
 

@@ -41,7 +41,7 @@ def faust_installed() -> None:
 
 def run(settings: Settings, engine: str, sources: list[str], inter: int = 1, crop: int = 1, count: int = 1,
         on_progress: Any = None) -> dict[str, Any]:
-    from actors.faust_engine import parse_engines, run_engines
+    from actors.faust.engine import parse_engines, run_engines
 
     plan = RunPlan(sources=[parse_source(s) for s in sources], replicas={"inter": inter, "crop": crop, "count": count},
                    include_dashboard=False, stall_timeout_s=240)
@@ -124,8 +124,8 @@ def test_compare_bench_runs_both_engines_and_writes_report(faust_installed, ray_
     import csv
     import json
 
-    from actors.bench import compare_engines
-    from actors.report import write_report
+    from bench.experiments import compare_engines
+    from bench.report import write_report
 
     s = make_settings(**AT_LEAST_ONCE)
     result = compare_engines(s, ["ray", "faust"], [1, 2], frames=24, repeat=1, models=["sleep:5ms"], video=highway)

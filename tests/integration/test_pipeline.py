@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from actors.kafka_io import read_all
+from cluster.reading import read_all
 from actors.launcher import RunPlan, run_pipeline
 from pipeline.codecs import decode_detections, decode_frame, decode_jpeg
 from pipeline.config import ModelConfig, Settings

@@ -1,4 +1,4 @@
-"""Kafka client factories with the project's defaults and one-line failures.
+"""Kafka client factories and transaction helpers with the project's defaults and one-line failures.
 
 Every client gets a bounded bootstrap timeout, so an unreachable broker fails
 within ``kafka.connect_timeout_s`` with a message naming the address.
@@ -7,10 +7,9 @@ within ``kafka.connect_timeout_s`` with a message naming the address.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 
 from pipeline.codecs import Record
@@ -24,11 +23,6 @@ __all__ = [
     "make_admin",
     "check_broker",
     "send_record",
-    "topic_partitions",
-    "read_all",
-    "end_offsets",
-    "group_lag",
-    "records_in_range",
     "finish_transaction",
     "send_offsets_in_transaction",
 ]
@@ -152,54 +146,6 @@ def check_broker(cfg: KafkaConfig) -> dict[str, Any]:
         admin.close()
 
 
-def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]:
-    """Every record of a topic, from the beginning to the current end, with a group-less consumer.
-
-    Raises:
-        BrokerError: the topic could not be read to its end within ``timeout_s``.
-    """
-    import time
-
-    consumer = make_consumer(cfg, group_id=None)
-    try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        if not tps:
-            return []
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
-        records: list[Any] = []
-        deadline = time.monotonic() + timeout_s
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"timed out reading {topic} to its end from {cfg.bootstrap_servers}")
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
-
-
-def topic_partitions(cfg: KafkaConfig, topic: str) -> list[int]:
-    """A topic's partitions as the broker's controller knows them.
-
-    A producer's own metadata can list only some partitions of a topic created moments
-    before; spreading frames over that subset would leave the replicas that own the
-    others idle for the whole run.
-
-    Raises:
-        BrokerError: the topic does not exist.
-    """
-    admin = make_admin(cfg)
-    try:
-        for t in admin.describe_topics([topic]):
-            if t.get("name") == topic and not t.get("error_code") and t.get("partitions"):
-                return sorted(p["partition_index"] for p in t["partitions"])
-    except KafkaError as exc:
-        raise BrokerError(f"cannot describe topic {topic} on {cfg.bootstrap_servers}: {exc}") from None
-    finally:
-        admin.close()
-    raise BrokerError(f"topic {topic} does not exist on {cfg.bootstrap_servers}: run `vapipe topics create`")
 
 
 def send_record(producer: KafkaProducer, topic: str, record: Record, partition: int | None = None) -> Any:
@@ -211,56 +157,3 @@ def send_record(producer: KafkaProducer, topic: str, record: Record, partition: 
         headers=list(record.headers),
         partition=partition,
     )
-
-
-def end_offsets(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int]:
-    partitions = consumer.partitions_for_topic(topic) or set()
-    return dict(consumer.end_offsets([TopicPartition(topic, p) for p in sorted(partitions)]))
-
-
-def records_in_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float) -> Iterator[Any]:
-    """The records of one partition in offsets [start, end), polled by an assigned consumer.
-
-    Stops at ``end`` or after ``timeout_s``; the caller checks ``consumer.position(tp) >= end``
-    to know which.
-    """
-    import time
-
-    consumer.assign([tp])
-    consumer.seek(tp, start)
-    deadline = time.monotonic() + timeout_s
-    while consumer.position(tp) < end and time.monotonic() < deadline:
-        yield from (r for r in consumer.poll(timeout_ms=200).get(tp, []) if r.offset < end)
-
-
-def _records_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float = 3.0) -> int:
-    """Data records (committed, not markers) in offsets [start, end) of one partition."""
-    found = sum(1 for _ in records_in_range(consumer, tp, start, end, timeout_s))
-    return found if consumer.position(tp) >= end else max(found, 1)
-
-
-def group_lag(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> dict[str, int]:
-    """Records not yet committed by ``group_id``, per topic.
-
-    End offset minus committed offset, except that a small gap is counted record by record:
-    transaction markers take offsets too, so a fully consumed transactional topic sits one
-    or more offsets short of its end forever.
-    """
-    admin = make_admin(cfg)
-    probe = make_consumer(cfg, group_id=None)
-    try:
-        committed = admin.list_group_offsets({group_id: None}).get(group_id, {})
-        lag: dict[str, int] = {}
-        for topic in topics:
-            ends = end_offsets(probe, topic)
-            total = 0
-            for tp, end in ends.items():
-                meta = committed.get(tp)
-                done = getattr(meta, "offset", meta) if meta is not None else 0
-                gap = max(end - (done if isinstance(done, int) and done >= 0 else 0), 0)
-                total += _records_between(probe, tp, end - gap, end) if 0 < gap <= 16 else gap
-            lag[topic] = total
-        return lag
-    finally:
-        probe.close()
-        admin.close()

@@ -1,6 +1,6 @@
 """`vapipe run --engine faust` (or a per-stage mix): the stages as Faust worker processes.
 
-Each Faust stage runs N worker processes (``actors.faust_worker``), one Faust app
+Each Faust stage runs N worker processes (``actors.faust.worker``), one Faust app
 per stage whose id is the Ray engine's consumer group (``<prefix>-<stage>``), on
 the same topics and message format. A stage runs on one engine at a time (Faust
 and kafka-python use different group assignors), but the stages of one run may
@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actors.faust_app import moving_changelog, settings_to_json
+from actors.faust.app import moving_changelog, settings_to_json
 from actors.launcher import (
     STAGES,
     Progress,
@@ -49,7 +49,7 @@ __all__ = ["ENGINES", "parse_engines", "run_engines", "FaustProcess", "FaustWork
 logger = logging.getLogger(__name__)
 
 ENGINES = ("ray", "faust")
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CARRIED = ("records_in", "frames_in", "frames_out", "poison", "dead_lettered", "detections", "end_of_streams", "duplicates", "retries")
 """Counters summed over a restarted worker's lives."""
 
@@ -102,7 +102,7 @@ class FaustProcess:
     def start(self, new_session: bool = True) -> None:
         log = open(self.run_dir / f"{self.name}.out", "ab")
         # A new session: a Ctrl-C in the terminal stops the producers, never a stage in mid-drain.
-        self.proc = subprocess.Popen([sys.executable, "-m", "actors.faust_worker", *self.argv], cwd=str(ROOT),
+        self.proc = subprocess.Popen([sys.executable, "-m", "actors.faust.worker", *self.argv], cwd=str(ROOT),
                                      env=_python_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
         log.close()
 
@@ -207,7 +207,7 @@ def run_engines(
         raise ConfigError(f"engines must name {list(STAGES)} with one of {list(ENGINES)}, got {engines}")
     if all(e == "ray" for e in engines.values()):
         return run_pipeline(settings, plan, on_progress=on_progress) | {"engines": dict(engines)}
-    from actors.faust_app import faust_guarantee
+    from actors.faust.app import faust_guarantee
 
     faust_guarantee(settings)
     prepare_run(settings, plan, extra_topics=[moving_changelog(settings)] if engines["count"] == "faust" else [])

@@ -30,7 +30,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.structs import OffsetAndMetadata
 
-from actors.kafka_io import finish_transaction, send_offsets_in_transaction
+from cluster.clients import finish_transaction, send_offsets_in_transaction
 from pipeline.config import Settings
 from pipeline.errors import BrokerError, DecodeError, SinkError
 
@@ -128,7 +128,7 @@ class StageWorker:
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        from actors.kafka_io import make_consumer
+        from cluster.clients import make_consumer
 
         if self.consumer is not None:
             return
@@ -145,7 +145,7 @@ class StageWorker:
         self.started_at = time.time()
 
     def _make_producer(self) -> KafkaProducer:
-        from actors.kafka_io import make_producer
+        from cluster.clients import make_producer
 
         if not self.exactly_once:
             return make_producer(self.settings.kafka)

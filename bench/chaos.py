@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.bench import TOPIC_KEYS, environment, isolated
-from actors.kafka_io import check_broker, read_all
+from bench.experiments import TOPIC_KEYS, environment, isolated
+from cluster.clients import check_broker
+from cluster.reading import read_all
 from actors.launcher import STAGES, RunControl, RunPlan, run_pipeline
 from cluster.raycluster import connect
 from cluster.topics import delete_topics

@@ -1,9 +1,9 @@
 """Entry point of one process of the Faust engine: a stage worker or a producer.
 
-``python -m actors.faust_worker stage STAGE NAME RUN_DIR`` runs one Faust worker of a
-stage; ``python -m actors.faust_worker produce NAME RUN_DIR SOURCE_JSON`` publishes one
+``python -m actors.faust.worker stage STAGE NAME RUN_DIR`` runs one Faust worker of a
+stage; ``python -m actors.faust.worker produce NAME RUN_DIR SOURCE_JSON`` publishes one
 source. Both read ``RUN_DIR/settings.json`` and write ``RUN_DIR/NAME.json`` (stats,
-every half second) and, for producers, ``RUN_DIR/NAME.result.json``. ``actors.faust_engine``
+every half second) and, for producers, ``RUN_DIR/NAME.result.json``. ``actors.faust.engine``
 starts them; nobody needs to by hand.
 """
 
@@ -29,14 +29,14 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def run_stage(stage: str, name: str, run_dir: Path) -> int:
-    from actors.faust_app import settings_from_json
+    from actors.faust.app import settings_from_json
 
     settings = settings_from_json((run_dir / "settings.json").read_text())
     # Before onnxruntime/torch load, as the Ray shell does: every core of this machine unless set.
     os.environ["OMP_NUM_THREADS"] = str(getattr(settings, stage).threads or os.cpu_count() or 1)
     from faust.worker import Worker
 
-    from actors.faust_app import FaustStage
+    from actors.faust.app import FaustStage
 
     shell = FaustStage(settings, stage, name, stats_path=run_dir / f"{name}.json")
     shell.worker.setup()  # load the model before joining the group, as the Ray actor's start() does
@@ -53,7 +53,7 @@ def run_stage(stage: str, name: str, run_dir: Path) -> int:
 
 
 def run_producer(name: str, run_dir: Path, source_json: str) -> int:
-    from actors.faust_app import settings_from_json
+    from actors.faust.app import settings_from_json
     from actors.producer import FrameProducer
     from pipeline.errors import PipelineError
     from pipeline.sources import SourceSpec
@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
         return run_stage(argv[1], argv[2], Path(argv[3]))
     if len(argv) == 4 and argv[0] == "produce":
         return run_producer(argv[1], Path(argv[2]), argv[3])
-    sys.stderr.write("usage: python -m actors.faust_worker stage STAGE NAME RUN_DIR | produce NAME RUN_DIR SOURCE_JSON\n")
+    sys.stderr.write("usage: python -m actors.faust.worker stage STAGE NAME RUN_DIR | produce NAME RUN_DIR SOURCE_JSON\n")
     return 2
 
 

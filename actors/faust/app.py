@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.loop import StageWorker
+from actors.worker import StageWorker
 from actors.stages import CountWorker, CropWorker, InterWorker
 from pipeline.codecs import Record, decode_json
 from pipeline.config import Settings, TopicSpec
@@ -249,7 +249,7 @@ class SkippedRecords:
         """Where Faust resumes a partition: the group's committed offset, else the log's start."""
         from kafka import TopicPartition
 
-        from actors.kafka_io import make_consumer
+        from cluster.clients import make_consumer
 
         if self._offsets is None:
             self._offsets = make_consumer(self.settings.kafka, group_id=self.group)
@@ -260,7 +260,8 @@ class SkippedRecords:
     def _read(self, partition: int, start: int, end: int) -> list[EventRecord]:
         from kafka import TopicPartition
 
-        from actors.kafka_io import make_consumer, records_in_range
+        from cluster.clients import make_consumer
+        from cluster.reading import records_in_range
 
         if self._reader is None:
             self._reader = make_consumer(self.settings.kafka, group_id=None)

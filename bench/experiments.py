@@ -21,7 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from actors.kafka_io import check_broker, read_all
+from cluster.clients import check_broker
+from cluster.reading import read_all
 from actors.launcher import RunPlan, run_pipeline
 from cluster.raycluster import connect
 from cluster.topics import delete_topics
@@ -349,7 +350,7 @@ def compare_engines(
         engine and replica count: mean frames/s, speedup over 1 replica, latency p50/p99 and
         mean peak RSS per stage worker, plus ``fps_vs_ray`` (this engine's frames/s over Ray's).
     """
-    from actors.faust_engine import ENGINES, run_engines
+    from actors.faust.engine import ENGINES, run_engines
     from pipeline.errors import ConfigError
 
     unknown = [e for e in engines if e not in ENGINES]
