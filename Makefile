@@ -8,7 +8,7 @@ SHARED ?= $(abspath ../shared)
 # Our machines have no internet: use the shared model when it is there, else the official weights.
 DEMO_MODEL ?= $(if $(wildcard $(SHARED)/models/yolov8n_int8.onnx),$(SHARED)/models/yolov8n_int8.onnx,yolov8n.pt)
 
-.PHONY: setup kafka-jars demo test test-unit clean
+.PHONY: setup kafka-jars demo test test-unit lint clean
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,13 @@ demo: setup kafka-jars
 test: setup kafka-jars
 	VAPIPE_SHARED="$(SHARED)" scripts/test.sh $(PYTEST_ARGS)
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
 test-unit: setup
-	VAPIPE_SHARED="$(SHARED)" $(PY) -m pytest -q tests/pipeline tests/test_cluster_yaml.py $(PYTEST_ARGS)
+	VAPIPE_SHARED="$(SHARED)" $(PY) -m pytest -q tests/pipeline tests/cluster/test_cluster_yaml.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf output .cache/test-kafka

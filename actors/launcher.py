@@ -1,9 +1,10 @@
-"""`vapipe run`: validate inputs, create topics, launch every stage as named Ray actors, drain, summarise.
+"""Running a pipeline, whichever engine runs its workers: prepare, wait until ready, drain, summarise.
 
 A finite run is complete when every producer has published its end-of-stream
 record, the count table has applied every published frame of every stream, and
-the crop group has committed everything on topic B. Then every actor is asked
-to stop, and a JSON summary is written.
+the crop group has committed everything on topic B. Then every worker is asked
+to stop, and a summary is written. ``actors.ray.engine`` and ``actors.faust.engine``
+launch the workers; this module watches them through the ``Workers`` interface.
 """
 
 from __future__ import annotations
@@ -14,30 +15,36 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from actors.stages import read_table
 from cluster.clients import check_broker
 from cluster.reading import group_lag
-from actors.ray.actors import ProducerActor, StageActor, actor_options
-from actors.stages import percentiles, read_table
-from cluster.raycluster import connect
 from cluster.topics import create_topics
 from pipeline.config import Settings, TopicSpec
 from pipeline.crop import load_index
 from pipeline.detector import check_model, is_calibration
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.sources import SourceSpec, VideoSource
+from pipeline.stats import STAGES, LatencyHistogram, RunSummary, WorkerStats
 
 __all__ = [
-    "RunPlan", "Progress", "Workers", "RayWorkers", "run_pipeline", "prepare_run", "wait_ready", "drain", "summarise",
-    "write_summary", "validate_sources", "new_run_id",
+    "RunPlan",
+    "Progress",
+    "Workers",
+    "prepare_run",
+    "wait_ready",
+    "drain",
+    "summarise",
+    "write_summary",
+    "validate_sources",
+    "new_run_id",
 ]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("inter", "crop", "count")
 POLL_INTERVAL_S = 1.0
 """How often the driver asks the workers for their stats while a run drains."""
 REJOIN_AFTER_S = 5.0
@@ -45,7 +52,7 @@ REJOIN_AFTER_S = 5.0
 
 
 def new_run_id() -> str:
-    return datetime.now(timezone.utc).strftime("r%Y%m%d-%H%M%S")
+    return datetime.now(UTC).strftime("r%Y%m%d-%H%M%S")
 
 
 @dataclass
@@ -81,85 +88,63 @@ def _validate_model(settings: Settings, allow_calibration: bool) -> None:
 
 
 class Progress:
-    """Accumulates what the actors report, for the live line and the summary."""
+    """Accumulates what the workers report, for the live line and the summary."""
 
     def __init__(self) -> None:
-        self.stats: dict[str, dict[str, Any]] = {}
-        self.fresh: dict[str, dict[str, Any]] = {}
+        self.stats: dict[str, WorkerStats] = {}
+        self.fresh: dict[str, WorkerStats] = {}
+        """The workers that answered the last round (a restarting one does not)."""
         self.t0 = time.time()
         self.timeline: list[dict[str, Any]] = []
         """One sample per poll: seconds since start, and per stage frames out, f/s and consumer lag."""
 
     def update(self, stats: list[dict[str, Any]]) -> None:
-        self.fresh = {s["name"]: s for s in stats}
-        """The actors that answered this round (a restarting one does not)."""
-        for s in stats:
-            self.stats[s["name"]] = s
+        self.fresh = {s["name"]: WorkerStats.from_dict(s) for s in stats}
+        self.stats.update(self.fresh)
 
     def sample(self) -> None:
         row: dict[str, Any] = {"t": round(time.time() - self.t0, 2), "produced": self.total("producer", "frames_out")}
         for stage in STAGES:
-            row[stage] = {
-                "frames": self.total(stage, "frames_out"),
-                "fps": round(sum(float(s.get("fps") or 0) for s in self.stage(stage)), 2),
-                "lag": sum(int(s.get("lag") or 0) for s in self.stage(stage)),
-            }
+            row[stage] = {"frames": self.total(stage, "frames_out"), "fps": round(self.fps(stage), 2), "lag": self.lag(stage)}
         self.timeline.append(row)
 
-    def stage(self, stage: str) -> list[dict[str, Any]]:
-        return [s for s in self.stats.values() if s.get("stage") == stage]
+    def stage(self, stage: str) -> list[WorkerStats]:
+        return [s for s in self.stats.values() if s.stage == stage]
 
     def total(self, stage: str, key: str) -> int:
-        return sum(int(s.get(key) or 0) for s in self.stage(stage))
+        return sum(int(getattr(s, key) or 0) for s in self.stage(stage))
+
+    def fps(self, stage: str) -> float:
+        return sum(s.fps for s in self.stage(stage))
+
+    def lag(self, stage: str) -> int:
+        return sum(s.lag or 0 for s in self.stage(stage))
 
     def line(self) -> str:
         parts = [f"produced {self.total('producer', 'frames_out')}"]
         for stage in STAGES:
-            fps = sum(float(s.get("fps") or 0) for s in self.stage(stage))
-            lag = sum(int(s.get("lag") or 0) for s in self.stage(stage))
-            parts.append(f"{stage} {self.total(stage, 'frames_out')} ({fps:.1f} f/s, lag {lag})")
+            parts.append(f"{stage} {self.total(stage, 'frames_out')} ({self.fps(stage):.1f} f/s, lag {self.lag(stage)})")
         return " | ".join(parts)
 
     def streams_complete(self, stream_ids: list[str]) -> bool:
         # Any replica may hold an older copy of a stream it restored from the changelog but does
         # not own; only the owner ever sees the stream complete.
-        complete = {sid for s in self.stage("count") for sid, t in (s.get("table") or {}).items() if t.get("complete")}
+        complete = {sid for s in self.stage("count") for sid, t in s.table.items() if t.get("complete")}
         return all(sid in complete for sid in stream_ids)
 
-
-@dataclass
-class RunControl:
-    """Handed to ``on_tick`` about once a second while a run drains, to change the running
-    pipeline: add or remove replicas (``vapipe chaos`` injects its faults through it)."""
-
-    settings: Settings
-    progress: Progress
-    actors: dict[str, Any]
-    stage_refs: dict[str, Any]
-    cluster_gpus: float = 0.0
-
-    def add_replica(self, stage: str) -> str:
-        """Start one more replica of a stage; it joins the stage's consumer group (a rebalance)."""
-        taken = {int(n.rsplit("-", 1)[1]) for n in self.actors if n.startswith(f"{stage}-")}
-        name = f"{stage}-{next(i for i in range(len(taken) + 1) if i not in taken)}"
-        self.actors[name], self.stage_refs[name] = _launch_stage(self.settings, stage, name, self.cluster_gpus)
-        return name
-
-    def remove_replica(self, name: str) -> None:
-        """Kill a replica for good (no restart); the group hands its partitions to the others."""
-        import ray
-
-        handle = self.actors.pop(name)
-        self.stage_refs.pop(name, None)
-        self.progress.stats.pop(name, None)
-        ray.kill(handle, no_restart=True)
+    def latency(self) -> LatencyHistogram:
+        """Capture-to-count latency of every frame the count replicas applied."""
+        merged = LatencyHistogram()
+        for s in self.stage("count"):
+            merged.merge(s.histogram)
+        return merged
 
 
 class Workers(Protocol):
     """The running workers of one run, whichever engine runs them: what the run loop watches.
 
-    ``RayWorkers`` are Ray actors; ``actors.faust.engine.FaustWorkers`` are Faust
-    processes, possibly next to Ray stage actors.
+    ``actors.ray.engine.RayWorkers`` are Ray actors; ``actors.faust.engine.FaustWorkers``
+    are Faust processes, possibly next to Ray stage actors.
     """
 
     def stage_names(self) -> list[str]:
@@ -174,8 +159,7 @@ class Workers(Protocol):
         """Results of the producers that finished since the last call; raises PipelineError for a failed one."""
         ...
 
-    def producers_left(self) -> int:
-        ...
+    def producers_left(self) -> int: ...
 
     def stop_producers(self) -> None:
         """End every stream early (Ctrl-C); what was published is still drained."""
@@ -184,81 +168,6 @@ class Workers(Protocol):
     def rejoin(self, names: list[str]) -> None:
         """Ask stage workers that own no partition to rejoin their group."""
         ...
-
-
-@dataclass
-class RayWorkers:
-    """The run's Ray actors: stage actors and producers, with the refs of their ``run`` calls."""
-
-    actors: dict[str, Any]
-    stage_refs: dict[str, Any]
-    producer_refs: dict[str, Any] = field(default_factory=dict)
-
-    def stage_names(self) -> list[str]:
-        return list(self.stage_refs)
-
-    def poll(self) -> list[dict[str, Any]]:
-        import ray
-
-        done, _ = ray.wait(list(self.stage_refs.values()), num_returns=len(self.stage_refs), timeout=0)
-        for name, ref in self.stage_refs.items():
-            if ref in done:
-                _get(ref, name)  # raises the stage's error; a clean return here is unexpected
-                raise PipelineError(f"stage actor {name} stopped before the run was complete")
-        return _gather_stats(self.actors)
-
-    def finished_producers(self) -> dict[str, dict[str, Any]]:
-        import ray
-
-        ready, _ = ray.wait(list(self.producer_refs.values()), num_returns=len(self.producer_refs), timeout=0)
-        finished = {}
-        for name, ref in list(self.producer_refs.items()):
-            if ref in ready:
-                finished[name] = _get(ref, name)
-                del self.producer_refs[name]
-        return finished
-
-    def producers_left(self) -> int:
-        return len(self.producer_refs)
-
-    def stop_producers(self) -> None:
-        for name in self.producer_refs:
-            self.actors[name].stop.remote()
-
-    def rejoin(self, names: list[str]) -> None:
-        for name in names:
-            if name in self.actors:
-                self.actors[name].rejoin.remote()
-
-    def launch(self, settings: Settings, stage: str, name: str, cluster_gpus: float) -> None:
-        """Start one stage actor and its ``run`` loop."""
-        self.actors[name], self.stage_refs[name] = _launch_stage(settings, stage, name, cluster_gpus)
-
-    def stop(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-        """Ask every actor to stop; returns the stage actors' final stats."""
-        import ray
-
-        for handle in self.actors.values():
-            handle.stop.remote()
-        return list(ray.get(list(self.stage_refs.values()), timeout=timeout_s))
-
-    def kill(self) -> None:
-        """Whatever is left, on the way out (an error, Ctrl-C, or after ``stop``)."""
-        import ray
-
-        for handle in self.actors.values():
-            try:
-                ray.kill(handle)
-            except Exception:  # already gone
-                pass
-
-
-def _launch_stage(settings: Settings, stage: str, name: str, cluster_gpus: float) -> tuple[Any, Any]:
-    import ray
-
-    cfg = getattr(settings, stage)
-    handle = ray.remote(StageActor).options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, cluster_gpus)).remote(stage, settings, name)
-    return handle, handle.run.remote()
 
 
 def prepare_run(settings: Settings, plan: RunPlan, extra_topics: list[TopicSpec] | None = None) -> None:
@@ -273,56 +182,6 @@ def prepare_run(settings: Settings, plan: RunPlan, extra_topics: list[TopicSpec]
     _validate_model(settings, plan.allow_calibration)
     check_broker(settings.kafka)
     create_topics(settings.kafka, settings.topics.all() + list(extra_topics or []))
-
-
-def run_pipeline(
-    settings: Settings,
-    plan: RunPlan,
-    on_progress: Callable[[Progress], None] | None = None,
-    on_tick: Callable[[RunControl], None] | None = None,
-) -> dict[str, Any]:
-    """Run the whole pipeline on a Ray cluster and return the run summary.
-
-    Raises:
-        PipelineError: bad source, model, broker, or a stage that failed.
-    """
-    prepare_run(settings, plan)
-    started_ray = connect(settings.ray, include_dashboard=plan.include_dashboard)
-    import ray
-
-    workers = RayWorkers({}, {})
-    try:
-        gpus = float(ray.cluster_resources().get("GPU", 0))
-        for stage in STAGES:
-            for i in range(plan.replicas[stage]):
-                workers.launch(settings, stage, f"{stage}-{i}", gpus)
-        wait_ready(settings, workers, timeout_s=plan.stall_timeout_s)
-        producers: dict[str, Any] = {}
-        # This run's streams have no frames older than this (a minute of slack for clocks across
-        # nodes): a restarted producer scans only that much of topic A to find where to resume.
-        since_ms = int((time.time() - 60) * 1000)
-        for spec in plan.sources:
-            name = f"producer-{spec.stream_id}"
-            opts = actor_options(name, settings.producer.num_cpus, 0, 0)
-            producers[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name, since_ms)
-        workers.actors.update(producers)
-        # Start every stream together: a producer whose worker process is slow to start must not
-        # begin seconds after the others (and stretch the measured run).
-        ray.get([h.stats.remote() for h in producers.values()], timeout=plan.stall_timeout_s)
-        t0 = time.time()
-        workers.producer_refs = {name: h.run.remote() for name, h in producers.items()}
-        progress = Progress()
-        control = RunControl(settings, progress, workers.actors, workers.stage_refs, gpus)
-        produced = drain(settings, plan, workers, progress, on_progress, on_tick and (lambda: on_tick(control)))
-        wall = time.time() - t0
-        progress.update(workers.stop())
-        summary = summarise(settings, plan, produced, progress, wall)
-        write_summary(settings, plan, summary)
-        return summary
-    finally:
-        workers.kill()
-        if started_ray:
-            ray.shutdown()
 
 
 def drain(
@@ -385,14 +244,14 @@ def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
     while True:
         if time.monotonic() > deadline:
             raise PipelineError(f"stage workers not ready after {timeout_s:.0f}s: {waiting}")
-        stats = {s["name"]: s for s in workers.poll() if s.get("name") in names}
-        not_ready = sorted(n for n in names if not stats.get(n, {}).get("ready"))
+        stats = {s.name: s for s in map(WorkerStats.from_dict, workers.poll()) if s.name in names}
+        not_ready = sorted(n for n in names if n not in stats or not stats[n].ready)
         unowned = []
         for stage, spec in inputs.items():
-            members = [s for s in stats.values() if s.get("stage") == stage]
-            owned = [int(s.get("assigned") or 0) for s in members]
+            members = [s for s in stats.values() if s.stage == stage]
+            owned = [s.assigned for s in members]
             # Every partition owned, and no replica left without one when there are enough to go round.
-            idle = [s["name"] for s in members if not s.get("assigned")] if len(members) <= spec.partitions else []
+            idle = [s.name for s in members if not s.assigned] if len(members) <= spec.partitions else []
             if sum(owned) != spec.partitions or idle:
                 unowned.append(stage)
                 if idle and time.monotonic() - started > REJOIN_AFTER_S:
@@ -405,87 +264,71 @@ def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
         time.sleep(0.5)
 
 
-def _gather_stats(actors: dict[str, Any], timeout_s: float = 10.0) -> list[dict[str, Any]]:
-    """Ask every actor for its stats; one that is restarting or slow is left out this round."""
-    import ray
-
-    refs = [h.stats.remote() for h in actors.values()]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    out = []
-    for ref in ready:
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayError:
-            continue
-    return out
-
-
-def _get(ref: Any, name: str) -> Any:
-    import ray
-
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-        if isinstance(cause, PipelineError):
-            raise type(cause)(f"{name}: {cause}") from None
-        raise PipelineError(f"{name} failed: {type(cause).__name__}: {cause}") from None
-    except ray.exceptions.RayActorError as exc:
-        raise PipelineError(f"{name} died: {exc}") from None
-
-
-def summarise(settings: Settings, plan: RunPlan, produced: dict[str, dict[str, Any]], progress: Progress, wall: float) -> dict[str, Any]:
+def summarise(
+    settings: Settings, plan: RunPlan, produced: dict[str, dict[str, Any]], progress: Progress, wall: float
+) -> RunSummary:
+    """The run's summary, from the producers' results, the workers' last stats and the table on Kafka."""
     stream_ids = [s.stream_id for s in plan.sources]
     table = read_table(settings)
     crops = [e for e in load_index(Path(settings.output_dir) / "crops").values() if e["stream_id"] in stream_ids]
     frames = sum(p["frames_published"] for p in produced.values())
-    # Processing time: first frame published to last count applied, from the actors' own clocks.
+    # Processing time: first frame published to last count applied, from the workers' own clocks.
     firsts = [p["first_ts"] for p in produced.values() if p.get("first_ts")]
-    lasts = [s["last_applied_ts"] for s in progress.stage("count") if s.get("last_applied_ts")]
+    lasts = [s.last_applied_ts for s in progress.stage("count") if s.last_applied_ts]
     processing_s = max(lasts) - min(firsts) if firsts and lasts else wall
     vehicles: dict[str, dict[str, int]] = {sid: table.get(sid, {}).get("totals", {}) for sid in stream_ids}
-    latencies = percentiles([v for s in progress.stage("count") for v in s.get("latencies_ms") or []])
-    return {
-        "run_id": plan.run_id,
-        "model": settings.model.name,
-        "sources": {s.stream_id: s.uri for s in plan.sources},
-        "replicas": plan.replicas,
-        "frames_produced": frames,
-        "frames_skipped": sum(p["frames_skipped"] for p in produced.values()),
-        "per_stream": {
+    by_stream = {p["stream_id"]: p for p in produced.values()}
+    latency = progress.latency()
+    return RunSummary(
+        run_id=plan.run_id,
+        model=settings.model.name,
+        sources={s.stream_id: s.uri for s in plan.sources},
+        replicas=dict(plan.replicas),
+        frames_produced=frames,
+        frames_skipped=sum(p["frames_skipped"] for p in produced.values()),
+        per_stream={
             sid: {
-                "produced": next((p["frames_published"] for p in produced.values() if p["stream_id"] == sid), 0),
-                "skipped": next((p["frames_skipped"] for p in produced.values() if p["stream_id"] == sid), 0),
+                "produced": by_stream.get(sid, {}).get("frames_published", 0),
+                "skipped": by_stream.get(sid, {}).get("frames_skipped", 0),
                 "counted": table.get(sid, {}).get("frames_applied", 0),
             }
             for sid in stream_ids
         },
-        "frames_processed": {stage: progress.total(stage, "frames_out") for stage in STAGES},
-        "poison_records": {stage: progress.total(stage, "poison") for stage in STAGES},
-        "dead_lettered": {stage: progress.total(stage, "dead_lettered") for stage in STAGES},
-        "retried_batches": {stage: progress.total(stage, "retries") for stage in STAGES},
-        "detections": progress.total("inter", "detections"),
-        "crops_per_label": dict(sorted(Counter(e["label"] for e in crops).items())),
-        "crops_dir": str((Path(settings.output_dir) / "crops").resolve()),
-        "vehicles": vehicles,
-        "vehicle_totals": dict(sorted(sum((Counter(v) for v in vehicles.values()), Counter()).items())),
-        "wall_s": round(wall, 2),
-        "processing_s": round(processing_s, 3),
-        "frames_per_s": round(frames / processing_s, 2) if processing_s > 0 else 0.0,
-        "count_latency_ms": latencies,
-        "stage_peak_fps": {stage: max((row[stage]["fps"] for row in progress.timeline), default=0.0) for stage in STAGES},
-        "timeline": progress.timeline,
-        "actors": {
-            name: {k: s.get(k) for k in ("stage", "frames_out", "fps", "node", "gpus", "peak_rss_mb") if k in s}
+        frames_processed={stage: progress.total(stage, "frames_out") for stage in STAGES},
+        poison_records={stage: progress.total(stage, "poison") for stage in STAGES},
+        dead_lettered={stage: progress.total(stage, "dead_lettered") for stage in STAGES},
+        retried_batches={stage: progress.total(stage, "retries") for stage in STAGES},
+        detections=progress.total("inter", "detections"),
+        crops_per_label=dict(sorted(Counter(e["label"] for e in crops).items())),
+        crops_dir=str((Path(settings.output_dir) / "crops").resolve()),
+        vehicles=vehicles,
+        vehicle_totals=dict(sorted(sum((Counter(v) for v in vehicles.values()), Counter()).items())),
+        wall_s=round(wall, 2),
+        processing_s=round(processing_s, 3),
+        frames_per_s=round(frames / processing_s, 2) if processing_s > 0 else 0.0,
+        count_latency_ms=latency.summary(),
+        latency_histogram=latency.to_dict(),
+        stage_peak_fps={stage: max((row[stage]["fps"] for row in progress.timeline), default=0.0) for stage in STAGES},
+        timeline=progress.timeline,
+        actors={
+            name: {
+                "stage": s.stage,
+                "frames_out": s.frames_out,
+                "fps": s.fps,
+                "node": s.node,
+                "gpus": s.gpus,
+                "peak_rss_mb": s.peak_rss_mb,
+            }
             for name, s in sorted(progress.stats.items())
         },
-    }
+    )
 
 
-def write_summary(settings: Settings, plan: RunPlan, summary: dict[str, Any]) -> Path:
+def write_summary(settings: Settings, plan: RunPlan, summary: RunSummary) -> Path:
+    """Write ``output/runs/<run_id>.json`` and remember where in ``summary.summary_path``."""
     folder = Path(settings.output_dir) / "runs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{plan.run_id}.json"
-    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    summary["summary_path"] = str(path.resolve())
+    path.write_text(json.dumps(summary.to_dict(), indent=2, sort_keys=True) + "\n")
+    summary.summary_path = str(path.resolve())
     return path

@@ -150,8 +150,13 @@ class FrameProducer:
         self._stop = threading.Event()
 
     def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "stage": "producer", "stream_id": self.spec.stream_id,
-                "frames_out": self.published, "frames_skipped": self.skipped}
+        return {
+            "name": self.name,
+            "stage": "producer",
+            "stream_id": self.spec.stream_id,
+            "frames_out": self.published,
+            "frames_skipped": self.skipped,
+        }
 
     def stop(self) -> None:
         self._stop.set()
@@ -233,8 +238,9 @@ class FrameProducer:
             source.close()
             if producer is not None:
                 producer.close()
-        return ProducerResult(self.spec.stream_id, self.published, self.skipped, size, time.time() - t0, first_ts, last_ts,
-                              resumed, downscaled).to_dict()
+        return ProducerResult(
+            self.spec.stream_id, self.published, self.skipped, size, time.time() - t0, first_ts, last_ts, resumed, downscaled
+        ).to_dict()
 
     def _encode(self, image: Any, index: int) -> tuple[bytes, int, int]:
         """JPEG bytes within the broker's limit, with the width and height they encode."""
@@ -266,14 +272,18 @@ class FrameProducer:
         try:
             batch.commit()
         except KafkaError as exc:
-            raise BrokerError(f"{self.spec.stream_id}: frames not committed to {self.settings.kafka.bootstrap_servers}: {exc}") from None
+            raise BrokerError(
+                f"{self.spec.stream_id}: frames not committed to {self.settings.kafka.bootstrap_servers}: {exc}"
+            ) from None
         for future in futures:
             try:
                 future.get(timeout=60)
             except MessageSizeTooLargeError as exc:
                 raise BrokerError(f"{self.spec.stream_id}: the broker refused a frame as too large: {exc}") from None
             except KafkaError as exc:
-                raise BrokerError(f"{self.spec.stream_id}: frame not acknowledged by {self.settings.kafka.bootstrap_servers}: {exc}") from None
+                raise BrokerError(
+                    f"{self.spec.stream_id}: frame not acknowledged by {self.settings.kafka.bootstrap_servers}: {exc}"
+                ) from None
         futures.clear()
 
 
@@ -306,3 +316,32 @@ class _Transaction:
         else:
             self.producer.flush()
         self.open_since = None
+
+
+def publish_streams(
+    settings: Settings, specs: list[SourceSpec], on_frame: Callable[[str], Callable[[int], None]] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Publish every source from this process, one thread per stream (``vapipe produce``).
+
+    ``on_frame(stream_id)`` gives each stream's per-frame callback (a progress bar).
+
+    Raises:
+        PipelineError: the first stream that failed, after every stream has stopped.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    errors: list[BaseException] = []
+
+    def one(spec: SourceSpec) -> None:
+        try:
+            results[spec.stream_id] = FrameProducer(settings, spec).run(on_frame=on_frame(spec.stream_id) if on_frame else None)
+        except BaseException as exc:  # surfaced below as one line
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(spec,), daemon=True) for spec in specs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

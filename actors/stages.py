@@ -15,9 +15,9 @@ from typing import Any
 
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
+from actors.worker import StageWorker
 from cluster.clients import send_record
 from cluster.reading import read_all
-from actors.worker import StageWorker
 from pipeline.codecs import (
     Record,
     decode_detected_frame,
@@ -34,8 +34,9 @@ from pipeline.crop import CropSink, crop_detections
 from pipeline.detector import Detector, make_detector
 from pipeline.errors import DecodeError
 from pipeline.messages import EndOfStream, FrameDetections, FrameMeta
+from pipeline.stats import LatencyHistogram
 
-__all__ = ["InterWorker", "CropWorker", "CountWorker", "read_table", "percentiles"]
+__all__ = ["InterWorker", "CropWorker", "CountWorker", "WORKERS", "read_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ class CropWorker(StageWorker):
         super().__init__(*args, **kwargs)
         self.crops_by_label: Counter[str] = Counter()
         self._pending_crops: Counter[str] = Counter()
-        self.sink = CropSink(Path(self.settings.output_dir) / "crops", writer=self.name, jpeg_quality=self.settings.crops.jpeg_quality)
+        self.sink = CropSink(
+            Path(self.settings.output_dir) / "crops", writer=self.name, jpeg_quality=self.settings.crops.jpeg_quality
+        )
 
     def process(self, records: list[Any]) -> list[Any]:
         for record in records:
@@ -177,7 +180,8 @@ class CountWorker(StageWorker):
         c = self.settings.counting
         self.counter = VehicleCounter(labels=c.labels, min_confidence=c.min_confidence, window_frames=c.window_frames)
         self.counters.update(duplicates=0, restores=0)
-        self.latencies_ms: list[float] = []
+        self.latency = LatencyHistogram()
+        """Capture to count applied, every frame this replica counted (bounded, mergeable)."""
         self.last_applied_ts: float | None = None
 
     def subscribe(self) -> None:
@@ -224,7 +228,7 @@ class CountWorker(StageWorker):
                 continue
             touched.add(update.stream_id)
             self.counters["frames_out"] += 1
-            self.latencies_ms.append((now - update.capture_ts) * 1000)
+            self.latency.record((now - update.capture_ts) * 1000)
             self.last_applied_ts = now
             rec = Record(key=update.stream_id.encode(), value=encode_json(update.to_dict()))
             futures.append(send_record(self.producer, topics.counts.name, rec))
@@ -233,24 +237,14 @@ class CountWorker(StageWorker):
             futures.append(send_record(self.producer, topics.counts_changelog.name, snap))
         return futures
 
-    def run(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """As StageWorker.run, plus every latency sample (capture to count applied) for exact percentiles."""
-        return super().run(*args, **kwargs) | {"latencies_ms": [round(v, 2) for v in self.latencies_ms]}
-
     def extra_stats(self) -> dict[str, Any]:
         return {
             "table": self.counter.table(),
-            "latency_ms": percentiles(self.latencies_ms),
+            "latency_ms": self.latency.summary(),
+            "latency_histogram": self.latency.to_dict(),
             "last_applied_ts": self.last_applied_ts,
         }
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(int(q * len(ordered)), len(ordered) - 1)], 1)
-
-    return {"p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99), "n": float(len(ordered))}
+WORKERS: dict[str, type[StageWorker]] = {"inter": InterWorker, "crop": CropWorker, "count": CountWorker}
+"""Stage name -> worker class, for every engine's shell."""

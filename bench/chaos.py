@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.launcher import RunPlan
+from actors.ray.engine import RunControl, run_pipeline
 from bench.experiments import TOPIC_KEYS, environment, isolated
 from cluster.clients import check_broker
+from cluster.raycluster import ray_session
 from cluster.reading import read_all
-from actors.launcher import STAGES, RunControl, RunPlan, run_pipeline
-from cluster.raycluster import connect
 from cluster.topics import delete_topics
 from pipeline.codecs import decode_detections, decode_json
 from pipeline.config import Settings
@@ -36,6 +37,7 @@ from pipeline.crop import load_index
 from pipeline.errors import DecodeError, PipelineError
 from pipeline.messages import EndOfStream
 from pipeline.sources import parse_source
+from pipeline.stats import STAGES
 
 __all__ = ["FAULTS", "Injector", "chaos", "run_fault", "verify"]
 
@@ -94,7 +96,7 @@ class Injector:
         if fault in ("kill-inter", "kill-crop", "kill-count"):
             ray.kill(control.actors[f"{fault.split('-')[1]}-0"], no_restart=False)
         elif fault == "sigkill-inter":
-            pid = control.progress.stats["inter-0"]["pid"]
+            pid = control.progress.stats["inter-0"].pid
             os.kill(int(pid), signal.SIGKILL)  # the actor's worker process on this machine
         elif fault == "kill-producer":
             name = next(n for n in control.actors if n.startswith("producer-"))
@@ -118,7 +120,7 @@ def _counted(control: RunControl) -> int:
     best: dict[str, int] = {}  # a replica may report an older copy of a stream it does not own
     for name, s in control.progress.fresh.items():
         if name.startswith("count-"):
-            for stream_id, t in (s.get("table") or {}).items():
+            for stream_id, t in s.table.items():
                 best[stream_id] = max(best.get(stream_id, 0), int(t.get("frames_applied") or 0))
     return sum(best.values())
 
@@ -169,10 +171,15 @@ def run_fault(
         raise PipelineError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
     s = isolated(settings)
     injector = Injector(fault, trigger_frames=max(1, frames // 3), restart_broker=restart_broker)
-    plan = RunPlan(sources=[parse_source(video, stream_id="chaos")], replicas={stage: replicas for stage in STAGES},
-                   include_dashboard=False, allow_calibration=True, stall_timeout_s=180)
+    plan = RunPlan(
+        sources=[parse_source(video, stream_id="chaos")],
+        replicas={stage: replicas for stage in STAGES},
+        include_dashboard=False,
+        allow_calibration=True,
+        stall_timeout_s=180,
+    )
     try:
-        summary = run_pipeline(s, plan, on_progress=on_progress, on_tick=injector)
+        summary = run_pipeline(s, plan, on_progress=on_progress, on_tick=injector).to_dict()
         stream_id = next(iter(summary["sources"]))
         row = {"fault": fault, **verify(s, stream_id, summary["frames_produced"])}
         crops = _crop_keys(s, stream_id)
@@ -206,12 +213,11 @@ def chaos(
     if unknown:
         raise PipelineError(f"unknown fault(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}")
     settings = settings.model_copy(update={"producer": settings.producer.model_copy(update={"max_frames": frames})})
-    started = connect(settings.ray, include_dashboard=False)
     rows: list[dict[str, Any]] = []
     reference: set[tuple[int, int, str]] | None = None
     reference_table: dict[str, int] = {}
-    try:
-        for fault in (["none"] + [f for f in faults if f != "none"]):
+    with ray_session(settings.ray, include_dashboard=False):
+        for fault in ["none"] + [f for f in faults if f != "none"]:
             row, crops = run_fault(settings, video, frames, fault, replicas, restart_broker, on_progress)
             if reference is None:
                 reference, reference_table = crops, row["vehicle_totals"]
@@ -220,10 +226,37 @@ def chaos(
             row["table_match"] = row["vehicle_totals"] == reference_table
             rows.append(row)
             logger.warning("chaos %s: %s", fault, {k: row[k] for k in ("lost", "counted_twice", "crops_written", "recovery_s")})
-    finally:
-        if started:
-            import ray
+    return {
+        "benchmark": "chaos",
+        "video": video,
+        "frames": frames,
+        "replicas": replicas,
+        "processing_guarantee": settings.processing_guarantee,
+        "rows": rows,
+        **environment(settings),
+    }
 
-            ray.shutdown()
-    return {"benchmark": "chaos", "video": video, "frames": frames, "replicas": replicas,
-            "processing_guarantee": settings.processing_guarantee, "rows": rows, **environment(settings)}
+
+TABLE_COLUMNS = (
+    "fault",
+    "frames_produced",
+    "frames_counted",
+    "lost",
+    "counted_twice",
+    "duplicates_on_c",
+    "crops_expected",
+    "crops_written",
+    "table_match",
+    "dead_lettered",
+    "recovery_s",
+)
+
+
+def table_lines(result: dict[str, Any]) -> list[str]:
+    """The chaos table as ``|``-separated lines, header first."""
+    return [" | ".join(TABLE_COLUMNS)] + [" | ".join(str(row.get(c)) for c in TABLE_COLUMNS) for row in result["rows"]]
+
+
+def failed_faults(result: dict[str, Any]) -> list[str]:
+    """Faults that lost or double-counted a frame, or changed the crop corpus or the table."""
+    return [r["fault"] for r in result["rows"] if r["lost"] or r["counted_twice"] or not (r["crops_match"] and r["table_match"])]

@@ -21,16 +21,18 @@ from typing import Any, Literal
 
 import numpy as np
 
+from actors.launcher import RunPlan
+from actors.ray.engine import run_pipeline
 from cluster.clients import check_broker
+from cluster.raycluster import ray_session
 from cluster.reading import read_all
-from actors.launcher import RunPlan, run_pipeline
-from cluster.raycluster import connect
 from cluster.topics import delete_topics
 from pipeline.codecs import decode_detections
 from pipeline.config import Settings
 from pipeline.detector import UltralyticsDetector
 from pipeline.messages import Detections, EndOfStream
 from pipeline.sources import VideoSource, parse_source
+from pipeline.stats import STAGES
 
 __all__ = ["overhead", "bare_loop_fps", "scaling", "sweep", "agreement", "environment"]
 
@@ -66,6 +68,7 @@ def bare_loop_fps(detector: UltralyticsDetector, frames: list[Any], batch: int =
         detector.detect(frames[i : i + batch])
     return len(frames) / (time.perf_counter() - t0)
 
+
 def isolated(settings: Settings, **stage_overrides: Any) -> Settings:
     """Fresh topics and groups so a run measures only its own frames."""
     tag = uuid.uuid4().hex[:8]
@@ -77,8 +80,9 @@ def isolated(settings: Settings, **stage_overrides: Any) -> Settings:
     return settings.model_copy(update=update)
 
 
-def _run(settings: Settings, sources: list[str], replicas: int, on_progress: Callable[[Any], None] | None,
-         keep_topics: bool = False) -> tuple[dict[str, Any], Settings]:
+def _run(
+    settings: Settings, sources: list[str], replicas: int, on_progress: Callable[[Any], None] | None, keep_topics: bool = False
+) -> tuple[dict[str, Any], Settings]:
     plan = RunPlan(
         sources=[parse_source(src, stream_id=f"s{i}") for i, src in enumerate(sources)],
         replicas={"inter": replicas, "crop": replicas, "count": replicas},
@@ -86,14 +90,15 @@ def _run(settings: Settings, sources: list[str], replicas: int, on_progress: Cal
         allow_calibration=True,
     )
     try:
-        return run_pipeline(settings, plan, on_progress=on_progress), settings
+        return run_pipeline(settings, plan, on_progress=on_progress).to_dict(), settings
     finally:
         if not keep_topics:
             delete_topics(settings.kafka, [getattr(settings.topics, k).name for k in TOPIC_KEYS])
 
 
-def overhead(settings: Settings, video: str, frames: int, repeat: int = 3,
-             on_progress: Callable[[Any], None] | None = None) -> dict[str, Any]:
+def overhead(
+    settings: Settings, video: str, frames: int, repeat: int = 3, on_progress: Callable[[Any], None] | None = None
+) -> dict[str, Any]:
     """Pipeline frames/s over bare-loop frames/s on the same frames; target >= 0.85.
 
     A shared 2-core machine drifts by 20% within a minute, so the runs are interleaved
@@ -108,28 +113,35 @@ def overhead(settings: Settings, video: str, frames: int, repeat: int = 3,
     source.close()
     batch = settings.inter.batch_size
     detector = UltralyticsDetector(settings.model)
-    started = connect(settings.ray, include_dashboard=False)
-    bare = [bare_loop_fps(detector, images, 1)]
-    batched = bare_loop_fps(detector, images, batch)
     pipe: list[float] = []
     summary: dict[str, Any] = {}
-    try:
+    with ray_session(settings.ray, include_dashboard=False):  # the bare loop too runs next to an idle Ray
+        bare = [bare_loop_fps(detector, images, 1)]
+        batched = bare_loop_fps(detector, images, batch)
         for rep in range(repeat):
             run_settings = isolated(settings, producer={"fps": 0.0, "max_frames": frames})
             summary, _ = _run(run_settings, [video], 1, on_progress)
             pipe.append(summary["frames_per_s"])
             bare.append(bare_loop_fps(detector, images, 1))
             logger.warning("overhead repeat %d: pipeline %.2f f/s, bare %.2f -> %.2f f/s", rep, pipe[-1], bare[-2], bare[-1])
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     ratios = [p / ((bare[i] + bare[i + 1]) / 2) for i, p in enumerate(pipe)]
-    rows = [{"repeat": i, "bare_before_fps": round(bare[i], 2), "pipeline_fps": round(p, 2),
-             "bare_after_fps": round(bare[i + 1], 2), "ratio": round(ratios[i], 3)} for i, p in enumerate(pipe)]
-    headline = {"frames": len(images), "bare_loop_fps": round(statistics.median(bare), 2),
-                "pipeline_fps": round(statistics.median(pipe), 2), "ratio": round(statistics.median(ratios), 3), "target": 0.85}
+    rows = [
+        {
+            "repeat": i,
+            "bare_before_fps": round(bare[i], 2),
+            "pipeline_fps": round(p, 2),
+            "bare_after_fps": round(bare[i + 1], 2),
+            "ratio": round(ratios[i], 3),
+        }
+        for i, p in enumerate(pipe)
+    ]
+    headline = {
+        "frames": len(images),
+        "bare_loop_fps": round(statistics.median(bare), 2),
+        "pipeline_fps": round(statistics.median(pipe), 2),
+        "ratio": round(statistics.median(ratios), 3),
+        "target": 0.85,
+    }
     return {
         "rows": rows,
         "table": [headline],
@@ -151,6 +163,7 @@ def overhead(settings: Settings, video: str, frames: int, repeat: int = 3,
         "count_latency_ms": summary["count_latency_ms"],
         **environment(settings),
     }
+
 
 def _row(experiment: str, replicas: int, repeat: int, summary: dict[str, Any], **extra: Any) -> dict[str, Any]:
     lat = summary["count_latency_ms"]
@@ -190,10 +203,9 @@ def scaling(
     Repeats are interleaved (1,2,3,1,2,3,...) so drift on a noisy machine spreads evenly.
     """
     check_broker(settings.kafka)
-    started = connect(settings.ray, include_dashboard=False)
     rows: list[dict[str, Any]] = []
     timelines: dict[int, list[dict[str, Any]]] = {}
-    try:
+    with ray_session(settings.ray, include_dashboard=False):
         for rep in range(repeat):
             for r in replicas:
                 s = isolated(settings, producer={"fps": 0.0, "max_frames": frames})
@@ -201,12 +213,9 @@ def scaling(
                 summary, _ = _run(s, sources, r, on_progress)
                 rows.append(_row(mode, r, rep, summary))
                 timelines[r] = summary["timeline"]
-                logger.warning("%s r=%d repeat %d: %.2fs, %.1f f/s", mode, r, rep, summary["processing_s"], summary["frames_per_s"])
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+                logger.warning(
+                    "%s r=%d repeat %d: %.2fs, %.1f f/s", mode, r, rep, summary["processing_s"], summary["frames_per_s"]
+                )
     base_t, _ = _mean_std([row["wall_s"] for row in rows if row["replicas"] == replicas[0]])
     base_median = statistics.median(row["wall_s"] for row in rows if row["replicas"] == replicas[0])
     table = []
@@ -215,11 +224,16 @@ def scaling(
         mean_t, std_t = _mean_std(times)
         fps_mean, fps_std = _mean_std([row["fps"] for row in rows if row["replicas"] == r])
         median_t = statistics.median(times)
-        entry: dict[str, Any] = {"replicas": r, "wall_s_mean": round(mean_t, 3), "wall_s_std": round(std_t, 3),
-                                 "wall_s_median": round(median_t, 3),
-                                 "fps_mean": round(fps_mean, 2), "fps_std": round(fps_std, 2),
-                                 "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] for x in rows if x["replicas"] == r), 1),
-                                 "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] for x in rows if x["replicas"] == r), 1)}
+        entry: dict[str, Any] = {
+            "replicas": r,
+            "wall_s_mean": round(mean_t, 3),
+            "wall_s_std": round(std_t, 3),
+            "wall_s_median": round(median_t, 3),
+            "fps_mean": round(fps_mean, 2),
+            "fps_std": round(fps_std, 2),
+            "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] for x in rows if x["replicas"] == r), 1),
+            "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] for x in rows if x["replicas"] == r), 1),
+        }
         if mode == "strong":
             entry["speedup"] = round(base_t / mean_t * replicas[0], 3)
             entry["efficiency"] = round(entry["speedup"] / r, 3)
@@ -229,8 +243,16 @@ def scaling(
             entry["time_ratio_to_base"] = round(mean_t / base_t, 3)
             entry["time_ratio_median"] = round(median_t / base_median, 3)
         table.append(entry)
-    return {"benchmark": mode, "frames": frames, "repeat": repeat, "video": video, "table": table, "rows": rows,
-            "timelines": {str(k): v for k, v in timelines.items()}, **environment(settings)}
+    return {
+        "benchmark": mode,
+        "frames": frames,
+        "repeat": repeat,
+        "video": video,
+        "table": table,
+        "rows": rows,
+        "timelines": {str(k): v for k, v in timelines.items()},
+        **environment(settings),
+    }
 
 
 def _boxes_match(a: Detections, b: Detections, iou: float = 0.5) -> tuple[int, int]:
@@ -283,17 +305,19 @@ def sweep(
     Agreement compares each run's detections with the base run's, frame by frame.
     """
     check_broker(settings.kafka)
-    started = connect(settings.ray, include_dashboard=False)
     base = {"batch": 8 if 8 in batches else batches[0], "fps": 0.0, "jpeg_quality": max(qualities)}
     points = [base] + [dict(base, batch=b) for b in batches if b != base["batch"]]
     points += [dict(base, fps=f) for f in fps_values if f != base["fps"]]
     points += [dict(base, jpeg_quality=q) for q in qualities if q != base["jpeg_quality"]]
     rows: list[dict[str, Any]] = []
     reference: dict[int, Detections] | None = None
-    try:
+    with ray_session(settings.ray, include_dashboard=False):
         for point in points:
-            s = isolated(settings, producer={"fps": point["fps"], "max_frames": frames, "jpeg_quality": point["jpeg_quality"]},
-                         inter={"batch_size": point["batch"]})
+            s = isolated(
+                settings,
+                producer={"fps": point["fps"], "max_frames": frames, "jpeg_quality": point["jpeg_quality"]},
+                inter={"batch_size": point["batch"]},
+            )
             summary, used = _run(s, [video], 1, on_progress, keep_topics=True)
             detections = _detections_by_frame(used)
             delete_topics(used.kafka, [getattr(used.topics, k).name for k in TOPIC_KEYS])
@@ -301,27 +325,29 @@ def sweep(
                 reference = detections
             factor = "base" if point == base else next(k for k in base if point[k] != base[k])
             factor = {"fps": "input_fps"}.get(factor, factor)
-            rows.append(_row("sweep", 1, 0, summary, factor=factor, batch=point["batch"],
-                             input_fps=point["fps"] or "max", jpeg_quality=point["jpeg_quality"],
-                             agreement=agreement(detections, reference)))
+            rows.append(
+                _row(
+                    "sweep",
+                    1,
+                    0,
+                    summary,
+                    factor=factor,
+                    batch=point["batch"],
+                    input_fps=point["fps"] or "max",
+                    jpeg_quality=point["jpeg_quality"],
+                    agreement=agreement(detections, reference),
+                )
+            )
             logger.warning("sweep %s: %.1f f/s", point, summary["frames_per_s"])
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     return {"benchmark": "sweep", "frames": frames, "video": video, "base": base, "rows": rows, **environment(settings)}
 
 
 # -- Ray versus Faust ---------------------------------------------------------
-STAGE_NAMES = ("inter", "crop", "count")
-
-
 def _worker_rss(summary: dict[str, Any]) -> dict[str, float]:
     """Mean peak RSS (MB) of the stage workers (Ray actors or Faust processes), per stage and overall."""
     by_stage: dict[str, list[float]] = {}
     for a in summary["actors"].values():
-        if a.get("stage") in STAGE_NAMES and a.get("peak_rss_mb"):
+        if a.get("stage") in STAGES and a.get("peak_rss_mb"):
             by_stage.setdefault(a["stage"], []).append(float(a["peak_rss_mb"]))
     out = {f"rss_mb_{stage}": round(statistics.fmean(v), 1) for stage, v in by_stage.items()}
     every = [x for v in by_stage.values() for x in v]
@@ -350,7 +376,8 @@ def compare_engines(
         engine and replica count: mean frames/s, speedup over 1 replica, latency p50/p99 and
         mean peak RSS per stage worker, plus ``fps_vs_ray`` (this engine's frames/s over Ray's).
     """
-    from actors.faust.engine import ENGINES, run_engines
+    from actors.engines import ENGINES
+    from actors.engines import run as run_engines
     from pipeline.errors import ConfigError
 
     unknown = [e for e in engines if e not in ENGINES]
@@ -365,12 +392,18 @@ def compare_engines(
         for model in models:
             for r in replicas:
                 for engine in engines:
-                    s = isolated(settings.model_copy(update={"model": settings.model.model_copy(update={"name": model})}),
-                                 producer={"fps": 0.0, "max_frames": frames})
-                    plan = RunPlan(sources=[parse_source(video, stream_id="s0")],
-                                   replicas={"inter": r, "crop": r, "count": r}, include_dashboard=False, allow_calibration=True)
+                    s = isolated(
+                        settings.model_copy(update={"model": settings.model.model_copy(update={"name": model})}),
+                        producer={"fps": 0.0, "max_frames": frames},
+                    )
+                    plan = RunPlan(
+                        sources=[parse_source(video, stream_id="s0")],
+                        replicas={"inter": r, "crop": r, "count": r},
+                        include_dashboard=False,
+                        allow_calibration=True,
+                    )
                     try:
-                        summary = run_engines(s, plan, {stage: engine for stage in STAGE_NAMES}, on_progress=on_progress)
+                        summary = run_engines(s, plan, dict.fromkeys(STAGES, engine), on_progress=on_progress).to_dict()
                     finally:
                         delete_topics(s.kafka, [getattr(s.topics, k).name for k in TOPIC_KEYS])
                     rows.append(_row("compare", r, rep, summary, engine=engine, model=model, **_worker_rss(summary)))
@@ -383,15 +416,20 @@ def compare_engines(
                 pts = [x for x in rows if x["model"] == model and x["engine"] == engine and x["replicas"] == r]
                 fps = statistics.fmean(x["fps"] for x in pts)
                 base = fps if base is None else base
-                table.append({
-                    "model": model, "engine": engine, "replicas": r, "runs": len(pts),
-                    "fps_mean": round(fps, 2),
-                    "speedup": round(fps / base * replicas[0], 3) if base else None,
-                    "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] or 0 for x in pts), 1),
-                    "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] or 0 for x in pts), 1),
-                    "rss_mb_per_worker": round(statistics.fmean(x["rss_mb_per_worker"] for x in pts), 1),
-                    "rss_mb_inter": round(statistics.fmean(x.get("rss_mb_inter", 0.0) for x in pts), 1),
-                })
+                table.append(
+                    {
+                        "model": model,
+                        "engine": engine,
+                        "replicas": r,
+                        "runs": len(pts),
+                        "fps_mean": round(fps, 2),
+                        "speedup": round(fps / base * replicas[0], 3) if base else None,
+                        "latency_p50_ms": round(statistics.median(x["latency_p50_ms"] or 0 for x in pts), 1),
+                        "latency_p99_ms": round(statistics.median(x["latency_p99_ms"] or 0 for x in pts), 1),
+                        "rss_mb_per_worker": round(statistics.fmean(x["rss_mb_per_worker"] for x in pts), 1),
+                        "rss_mb_inter": round(statistics.fmean(x.get("rss_mb_inter", 0.0) for x in pts), 1),
+                    }
+                )
     ray_fps = {(t["model"], t["replicas"]): t["fps_mean"] for t in table if t["engine"] == "ray"}
     for t in table:
         ref = ray_fps.get((t["model"], t["replicas"]))
@@ -405,5 +443,14 @@ def compare_engines(
     except ImportError:
         pass
     env["model"] = ", ".join(models)
-    return {"benchmark": "compare", "engines": engines, "frames": frames, "repeat": repeat, "video": video,
-            "models": models, "table": table, "rows": rows, **env}
+    return {
+        "benchmark": "compare",
+        "engines": engines,
+        "frames": frames,
+        "repeat": repeat,
+        "video": video,
+        "models": models,
+        "table": table,
+        "rows": rows,
+        **env,
+    }

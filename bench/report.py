@@ -7,7 +7,7 @@ import json
 import logging
 import shlex
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +99,15 @@ def _compare_plots(result: dict[str, Any], out: Path) -> list[str]:
         reps = sorted({t["replicas"] for t in table})
         axes[row][1].plot(reps, reps, "--", color="grey", label="ideal")
         short = Path(model).name
-        for ax, (ylabel, title) in zip(axes[row], [("frames/s", "throughput"), ("speedup", "speedup"),
-                                                   ("capture → count (ms)", "latency"), ("peak RSS (MB)", "memory per worker")]):
+        for ax, (ylabel, title) in zip(
+            axes[row],
+            [
+                ("frames/s", "throughput"),
+                ("speedup", "speedup"),
+                ("capture → count (ms)", "latency"),
+                ("peak RSS (MB)", "memory per worker"),
+            ],
+        ):
             ax.set(xlabel="replicas per stage", ylabel=ylabel, title=f"{title} · {short}")
             ax.set_xticks(reps)
             ax.legend(fontsize=7)
@@ -144,7 +151,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, command: list[str]
         "",
         f"Command: `{cmd}`",
         "",
-        f"Run: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}; machine: {result.get('machine')}; "
+        f"Run: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}; machine: {result.get('machine')}; "
         f"model: `{result.get('model')}`",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(result.get("versions", {}).items())),

@@ -18,13 +18,15 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError
 
-__all__ = ["BrokerStatus", "KafkaBroker", "server_properties", "POM_PATH"]
+__all__ = ["BrokerStatus", "KafkaBroker", "local_broker", "server_properties", "POM_PATH"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +49,7 @@ def server_properties(cfg: BrokerConfig, data_dir: Path, max_message_bytes: int)
     advertised = cfg.advertised_host or cfg.listen_host
     if advertised in ("0.0.0.0", "::"):
         raise BrokerError(
-            "broker.advertised_host must be set to an address other machines can reach when listen_host is "
-            f"{cfg.listen_host}"
+            f"broker.advertised_host must be set to an address other machines can reach when listen_host is {cfg.listen_host}"
         )
     controller_host = "127.0.0.1" if cfg.listen_host in ("0.0.0.0", "::") else cfg.listen_host
     # Room for headers and batch overhead on top of the largest frame.
@@ -147,8 +148,16 @@ class KafkaBroker:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         logger.info("resolving Kafka jars from Maven Central into %s", jars)
-        cmd = [mvn, "-q", "-B", "-f", str(POM_PATH), "dependency:copy-dependencies",
-               "-DincludeScope=runtime", f"-DoutputDirectory={tmp}"]
+        cmd = [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(POM_PATH),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={tmp}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
@@ -177,9 +186,20 @@ class KafkaBroker:
             return
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         proc = subprocess.run(
-            [java, "-cp", classpath, f"-Dlog4j2.configurationFile={LOG4J_PATH}", f"-Dkafka.logs.dir={self.log_dir}",
-             "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}", "-c", str(self.props_file)],
-            capture_output=True, text=True,
+            [
+                java,
+                "-cp",
+                classpath,
+                f"-Dlog4j2.configurationFile={LOG4J_PATH}",
+                f"-Dkafka.logs.dir={self.log_dir}",
+                "kafka.tools.StorageTool",
+                "format",
+                f"--cluster-id={cluster_id}",
+                "-c",
+                str(self.props_file),
+            ],
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             raise BrokerError(f"formatting Kafka storage failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
@@ -197,13 +217,26 @@ class KafkaBroker:
             folder.mkdir(parents=True, exist_ok=True)
         self.props_file.write_text(server_properties(self.cfg, self.data_dir, self.kafka.max_message_bytes))
         self._format(java, classpath)
-        out = open(self.log_dir / "broker.out", "ab")
+        out = open(self.log_dir / "broker.out", "ab")  # noqa: SIM115 - handed to the broker process, closed below
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            [java, f"-Xmx{self.cfg.heap}", f"-Xms{self.cfg.heap}", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-             f"-Dlog4j2.configurationFile={LOG4J_PATH}", f"-Dkafka.logs.dir={self.log_dir}",
-             "-cp", classpath, "kafka.Kafka", str(self.props_file)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            [
+                java,
+                f"-Xmx{self.cfg.heap}",
+                f"-Xms{self.cfg.heap}",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={LOG4J_PATH}",
+                f"-Dkafka.logs.dir={self.log_dir}",
+                "-cp",
+                classpath,
+                "kafka.Kafka",
+                str(self.props_file),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         out.close()
         self.pid_file.write_text(f"{proc.pid}\n")
@@ -235,7 +268,9 @@ class KafkaBroker:
             except BrokerError:
                 time.sleep(0.5)
         self.stop()
-        raise BrokerError(f"Kafka broker did not answer on {host}:{port} within {self.cfg.start_timeout_s:g}s: {self.last_error()}")
+        raise BrokerError(
+            f"Kafka broker did not answer on {host}:{port} within {self.cfg.start_timeout_s:g}s: {self.last_error()}"
+        )
 
     def last_error(self) -> str:
         for name in ("server.log", "broker.out"):
@@ -271,3 +306,28 @@ class KafkaBroker:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def local_broker(
+    broker: BrokerConfig, kafka: KafkaConfig, on_start: Callable[[KafkaBroker], None] | None = None
+) -> Iterator[KafkaBroker]:
+    """A broker for the block: the one at ``kafka.bootstrap_servers`` if it answers, else a local one
+    started here and stopped on the way out (``vapipe demo``)."""
+    from cluster.clients import check_broker
+    from pipeline.errors import PipelineError
+
+    local = KafkaBroker(broker, kafka)
+    try:
+        check_broker(kafka.model_copy(update={"connect_timeout_s": 3}))
+    except PipelineError:
+        if on_start is not None:
+            on_start(local)
+        local.start()
+    else:
+        yield local
+        return
+    try:
+        yield local
+    finally:
+        local.stop()

@@ -146,8 +146,6 @@ def check_broker(cfg: KafkaConfig) -> dict[str, Any]:
         admin.close()
 
 
-
-
 def send_record(producer: KafkaProducer, topic: str, record: Record, partition: int | None = None) -> Any:
     """Send a core ``Record``; returns the future so callers can flush and check acks in bulk."""
     return producer.send(

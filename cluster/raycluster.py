@@ -49,12 +49,16 @@ def connect(cfg: RayConfig, *, include_dashboard: bool = True) -> bool:
 
 @contextmanager
 def ray_session(cfg: RayConfig, *, include_dashboard: bool = True) -> Iterator[Any]:
-    """Context manager around ``connect``: shuts down only what it started."""
+    """Context manager around ``connect``: disconnects (and stops a local Ray) only if it connected.
+
+    Inside a process already connected (a test session's Ray, a benchmark's), it leaves Ray up.
+    """
     import ray
 
-    started = connect(cfg, include_dashboard=include_dashboard)
+    connected_before = ray.is_initialized()
+    connect(cfg, include_dashboard=include_dashboard)
     try:
         yield ray
     finally:
-        if started or ray.is_initialized():
+        if not connected_before and ray.is_initialized():
             ray.shutdown()

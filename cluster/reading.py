@@ -44,9 +44,11 @@ def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]
     finally:
         consumer.close()
 
+
 def end_offsets(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int]:
     partitions = consumer.partitions_for_topic(topic) or set()
     return dict(consumer.end_offsets([TopicPartition(topic, p) for p in sorted(partitions)]))
+
 
 def records_in_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float) -> Iterator[Any]:
     """The records of one partition in offsets [start, end), polled by an assigned consumer.
@@ -60,10 +62,12 @@ def records_in_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, en
     while consumer.position(tp) < end and time.monotonic() < deadline:
         yield from (r for r in consumer.poll(timeout_ms=200).get(tp, []) if r.offset < end)
 
+
 def _records_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float = 3.0) -> int:
     """Data records (committed, not markers) in offsets [start, end) of one partition."""
     found = sum(1 for _ in records_in_range(consumer, tp, start, end, timeout_s))
     return found if consumer.position(tp) >= end else max(found, 1)
+
 
 def group_lag(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> dict[str, int]:
     """Records not yet committed by ``group_id``, per topic.

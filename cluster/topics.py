@@ -11,7 +11,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPart
 
 from cluster.clients import make_admin
 from pipeline.config import KafkaConfig, TopicSpec
-from pipeline.errors import TopicError
+from pipeline.errors import BrokerError, TopicError
 
 __all__ = ["TopicInfo", "create_topics", "list_topics", "describe_topics", "delete_topics"]
 

@@ -70,8 +70,9 @@ def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
     return buf.tobytes()
 
 
-def fit_jpeg(image: np.ndarray, quality: int, max_bytes: int, min_quality: int = 40,
-             min_side: int = 32) -> tuple[bytes, int, int] | None:
+def fit_jpeg(
+    image: np.ndarray, quality: int, max_bytes: int, min_quality: int = 40, min_side: int = 32
+) -> tuple[bytes, int, int] | None:
     """JPEG of the image within ``max_bytes``, with its width and height: lower the quality down to
     ``min_quality``, then halve the size (keeping the aspect) until it fits; None if even
     ``min_side`` pixels do not fit."""
@@ -100,7 +101,7 @@ def decode_jpeg(data: bytes | None) -> np.ndarray:
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise DecodeError(f"payload of {len(data)} bytes is not a decodable image")
-    return image
+    return np.asarray(image)
 
 
 def _headers_dict(headers: Sequence[Header] | None) -> dict[str, str]:
@@ -222,9 +223,7 @@ def _detections_from_json(raw: Any) -> Detections:
     return detections
 
 
-def decode_detected_frame(
-    value: bytes | None, headers: Sequence[Header] | None
-) -> tuple[FrameDetections, bytes] | EndOfStream:
+def decode_detected_frame(value: bytes | None, headers: Sequence[Header] | None) -> tuple[FrameDetections, bytes] | EndOfStream:
     """Decode a topic B record into (detections with metadata, JPEG bytes) or an end marker."""
     decoded = decode_frame(value, headers)
     if isinstance(decoded, EndOfStream):

@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from pipeline.messages import Detections, EndOfStream, FrameDetections
 
 __all__ = ["AppliedFrames", "StreamCounts", "CountUpdate", "VehicleCounter", "vehicles_in"]

@@ -41,20 +41,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.worker import StageWorker
-from actors.stages import CountWorker, CropWorker, InterWorker
+from actors.stages import WORKERS
 from pipeline.codecs import Record, decode_json
 from pipeline.config import Settings, TopicSpec
 from pipeline.errors import BrokerError, ConfigError, DecodeError, PipelineError
 
 __all__ = [
-    "FaustStage", "EventRecord", "CollectingProducer", "SkippedRecords", "faust_guarantee", "hold_faust_gaps",
-    "moving_changelog", "settings_to_json", "settings_from_json",
+    "FaustStage",
+    "EventRecord",
+    "CollectingProducer",
+    "SkippedRecords",
+    "faust_guarantee",
+    "hold_faust_gaps",
+    "moving_changelog",
+    "settings_to_json",
+    "settings_from_json",
 ]
 
 logger = logging.getLogger(__name__)
 
-WORKERS: dict[str, type[StageWorker]] = {"inter": InterWorker, "crop": CropWorker, "count": CountWorker}
 
 FAUST_GUARANTEES = {"at_least_once": "at_least_once"}
 """vapipe's processing_guarantee values the Faust engine runs, and Faust's name for each."""
@@ -81,7 +86,9 @@ def faust_guarantee(settings: Settings) -> str:
     try:
         return FAUST_GUARANTEES[wanted]
     except KeyError:
-        raise ConfigError(f"processing_guarantee {wanted!r} has no Faust equivalent; Faust offers {sorted(FAUST_GUARANTEES)}") from None
+        raise ConfigError(
+            f"processing_guarantee {wanted!r} has no Faust equivalent; Faust offers {sorted(FAUST_GUARANTEES)}"
+        ) from None
 
 
 def moving_changelog(settings: Settings) -> TopicSpec:
@@ -142,8 +149,14 @@ class CollectingProducer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, Record, int | None]] = []
 
-    def send(self, topic: str, key: bytes | None = None, value: bytes | None = None,
-             headers: list[tuple[str, bytes]] | None = None, partition: int | None = None) -> _Sent:
+    def send(
+        self,
+        topic: str,
+        key: bytes | None = None,
+        value: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> _Sent:
         self.sent.append((topic, Record(key=key, value=value, headers=tuple(headers or ())), partition))
         return _Sent()
 
@@ -162,7 +175,8 @@ def _broker_urls(settings: Settings) -> list[str]:
     if settings.kafka.security_protocol != "PLAINTEXT" or settings.kafka.extra:
         raise ConfigError(
             f"the Faust engine connects with PLAINTEXT only (kafka.security_protocol={settings.kafka.security_protocol!r}, "
-            f"kafka.extra={sorted(settings.kafka.extra)}); use --engine ray for SSL/SASL or extra client settings")
+            f"kafka.extra={sorted(settings.kafka.extra)}); use --engine ray for SSL/SASL or extra client settings"
+        )
     return [f"kafka://{h}" for h in settings.kafka.hosts()]
 
 
@@ -266,10 +280,14 @@ class SkippedRecords:
         if self._reader is None:
             self._reader = make_consumer(self.settings.kafka, group_id=None)
         tp = TopicPartition(self.topic, partition)
-        found = [EventRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
-                 for r in records_in_range(self._reader, tp, start, end, timeout_s=60)]
+        found = [
+            EventRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
+            for r in records_in_range(self._reader, tp, start, end, timeout_s=60)
+        ]
         if self._reader.position(tp) < end:
-            raise BrokerError(f"could not read the records Faust skipped in {self.topic}[{partition}] {start}..{end - 1} within 60s")
+            raise BrokerError(
+                f"could not read the records Faust skipped in {self.topic}[{partition}] {start}..{end - 1} within 60s"
+            )
         self.records_read += len(found)
         return found
 
@@ -375,7 +393,9 @@ class FaustStage:
     def topic(self, name: str) -> Any:
         """A Faust topic that reads and writes raw bytes (no Faust codec, no pickle)."""
         if name not in self._topics:
-            self._topics[name] = self.app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+            self._topics[name] = self.app.topic(
+                name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+            )
         return self._topics[name]
 
     def _build_tables(self, faust: Any) -> None:
@@ -383,12 +403,26 @@ class FaustStage:
         if t.counts_changelog.partitions != t.detections.partitions:
             raise ConfigError(
                 f"the Faust table needs topics.counts_changelog.partitions ({t.counts_changelog.partitions}) equal to "
-                f"topics.detections.partitions ({t.detections.partitions}): Faust co-partitions a table with its source")
+                f"topics.detections.partitions ({t.detections.partitions}): Faust co-partitions a table with its source"
+            )
         changelog = self.app.topic(
-            t.counts_changelog.name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-            partitions=t.counts_changelog.partitions, compacting=True, internal=False)
-        self.table = self.app.Table("counts", key_type=bytes, value_type=bytes, default=None,
-                                    partitions=t.detections.partitions, changelog_topic=changelog)
+            t.counts_changelog.name,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=t.counts_changelog.partitions,
+            compacting=True,
+            internal=False,
+        )
+        self.table = self.app.Table(
+            "counts",
+            key_type=bytes,
+            value_type=bytes,
+            default=None,
+            partitions=t.detections.partitions,
+            changelog_topic=changelog,
+        )
         cfg = self.settings.faust
         moving = moving_changelog(self.settings)
         assert moving.name == f"{self.app.conf.id}-moving-changelog"  # Faust's own name for the table's changelog
@@ -573,9 +607,11 @@ class FaustStage:
         }
         out["running"] = self.crashed is None and not self.stopped
         if self.stage == "count":
-            out["latencies_ms"] = [round(v, 2) for v in self.worker.latencies_ms]  # type: ignore[attr-defined]
-            out["moving_window"] = {"size_s": self.settings.faust.window_s, "step_s": self.settings.faust.window_step_s,
-                                    "current": self._windowed_view}
+            out["moving_window"] = {
+                "size_s": self.settings.faust.window_s,
+                "step_s": self.settings.faust.window_step_s,
+                "current": self._windowed_view,
+            }
         return out
 
     async def _write_stats(self) -> None:

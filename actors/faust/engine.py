@@ -5,7 +5,7 @@ per stage whose id is the Ray engine's consumer group (``<prefix>-<stage>``), on
 the same topics and message format. A stage runs on one engine at a time (Faust
 and kafka-python use different group assignors), but the stages of one run may
 use different engines: ``inter=ray,crop=faust,count=faust``. An all-Ray run is
-handed to ``actors.launcher.run_pipeline`` unchanged.
+handed to ``actors.ray.engine.run_pipeline`` by ``actors.engines.run``.
 
 The run ends as a Ray run does: every producer has published its end-of-stream
 record, the count table (read from its changelog, which both engines share) has
@@ -16,6 +16,7 @@ actor; its table partitions recover from the changelog.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -28,50 +29,32 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from actors.engines import check_engines
 from actors.faust.app import moving_changelog, settings_to_json
-from actors.launcher import (
-    STAGES,
-    Progress,
-    RayWorkers,
-    RunPlan,
-    drain,
-    prepare_run,
-    run_pipeline,
-    summarise,
-    wait_ready,
-    write_summary,
-)
+from actors.launcher import Progress, RunPlan, drain, prepare_run, summarise, wait_ready, write_summary
+from actors.ray.engine import RayWorkers
+from cluster.raycluster import ray_session
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.stats import STAGES, LatencyHistogram, RunSummary
 
-__all__ = ["ENGINES", "parse_engines", "run_engines", "FaustProcess", "FaustWorkers", "faust_status"]
+__all__ = ["run_engines", "FaustProcess", "FaustWorkers", "faust_status"]
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("ray", "faust")
 ROOT = Path(__file__).resolve().parents[2]
-CARRIED = ("records_in", "frames_in", "frames_out", "poison", "dead_lettered", "detections", "end_of_streams", "duplicates", "retries")
+CARRIED = (
+    "records_in",
+    "frames_in",
+    "frames_out",
+    "poison",
+    "dead_lettered",
+    "detections",
+    "end_of_streams",
+    "duplicates",
+    "retries",
+)
 """Counters summed over a restarted worker's lives."""
-
-
-def parse_engines(text: str) -> dict[str, str]:
-    """``ray``, ``faust`` or ``inter=ray,crop=faust,count=faust`` (stages left out run on ray).
-
-    Raises:
-        ConfigError: an unknown engine or stage.
-    """
-    text = text.strip()
-    if text in ENGINES:
-        return {stage: text for stage in STAGES}
-    out = {stage: "ray" for stage in STAGES}
-    for part in text.split(","):
-        stage, sep, engine = part.partition("=")
-        stage, engine = stage.strip(), engine.strip()
-        if not sep or stage not in STAGES or engine not in ENGINES:
-            raise ConfigError(f"invalid --engine {text!r}: expected one of {list(ENGINES)} or STAGE=ENGINE pairs "
-                              f"with STAGE in {list(STAGES)}, e.g. inter=ray,crop=faust,count=faust")
-        out[stage] = engine
-    return out
 
 
 def _python_env() -> dict[str, str]:
@@ -94,16 +77,24 @@ class FaustProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
         self.carried: dict[str, Any] = {}
+        """Counters of this worker's earlier lives (before a restart), added to its live stats."""
+        self.carried_latency = LatencyHistogram()
 
     @property
     def stats_path(self) -> Path:
         return self.run_dir / f"{self.name}.json"
 
     def start(self, new_session: bool = True) -> None:
-        log = open(self.run_dir / f"{self.name}.out", "ab")
+        log = open(self.run_dir / f"{self.name}.out", "ab")  # noqa: SIM115 - handed to the child process, closed below
         # A new session: a Ctrl-C in the terminal stops the producers, never a stage in mid-drain.
-        self.proc = subprocess.Popen([sys.executable, "-m", "actors.faust.worker", *self.argv], cwd=str(ROOT),
-                                     env=_python_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=new_session)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "actors.faust.worker", *self.argv],
+            cwd=str(ROOT),
+            env=_python_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=new_session,
+        )
         log.close()
 
     @property
@@ -122,13 +113,15 @@ class FaustProcess:
         if self.proc is None or self.alive() or self.stopping:
             return
         if self.restarts >= self.max_restarts:
-            raise PipelineError(f"{self.name} died {self.restarts + 1} times (exit {self.proc.returncode}); last log lines: {self.log_tail()}")
+            raise PipelineError(
+                f"{self.name} died {self.restarts + 1} times (exit {self.proc.returncode}); last log lines: {self.log_tail()}"
+            )
         self.restarts += 1
         logger.warning("%s exited with %s; restarting (%d/%d)", self.name, self.proc.returncode, self.restarts, self.max_restarts)
         last = self.read_stats() or {}
         for key in CARRIED:
             self.carried[key] = int(last.get(key) or 0)
-        self.carried["latencies_ms"] = list(last.get("latencies_ms") or [])
+        self.carried_latency.merge(LatencyHistogram.from_dict(last.get("latency_histogram")))
         self.stats_path.unlink(missing_ok=True)
         self.start()
 
@@ -146,8 +139,9 @@ class FaustProcess:
         for key in CARRIED:
             if key in self.carried:
                 s[key] = int(s.get(key) or 0) + self.carried[key]
-        if self.carried.get("latencies_ms"):
-            s["latencies_ms"] = self.carried["latencies_ms"] + list(s.get("latencies_ms") or [])
+        if self.carried_latency.count:
+            merged = LatencyHistogram.from_dict(s.get("latency_histogram")).merge(self.carried_latency)
+            s["latency_histogram"], s["latency_ms"] = merged.to_dict(), merged.summary()
         s["restarts"] = self.restarts
         return s
 
@@ -174,7 +168,9 @@ class FaustProcess:
                 text += (self.run_dir / f"{self.name}{suffix}").read_text(errors="replace")
             except OSError:
                 pass
-        printable = ("".join(ch for ch in ln if ch.isprintable()).replace("[?25l", "").replace("[?25h", "") for ln in text.splitlines())
+        printable = (
+            "".join(ch for ch in ln if ch.isprintable()).replace("[?25l", "").replace("[?25h", "") for ln in text.splitlines()
+        )
         tail = [ln.strip() for ln in printable if ln.strip()][-lines:]
         return " | ".join(tail) or "(no log)"
 
@@ -196,17 +192,15 @@ def run_engines(
     plan: RunPlan,
     engines: dict[str, str],
     on_progress: Callable[[Progress], None] | None = None,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run the pipeline with each stage on its engine; returns the same summary as ``run_pipeline``, plus ``engines``.
 
     Raises:
         PipelineError: bad source, model, broker, a stage that failed for good, or no progress.
     """
-    bad = {s: e for s, e in engines.items() if s not in STAGES or e not in ENGINES}
-    if bad or set(engines) != set(STAGES):
-        raise ConfigError(f"engines must name {list(STAGES)} with one of {list(ENGINES)}, got {engines}")
+    check_engines(engines)
     if all(e == "ray" for e in engines.values()):
-        return run_pipeline(settings, plan, on_progress=on_progress) | {"engines": dict(engines)}
+        raise ConfigError("no stage runs on Faust: use actors.engines.run, which hands an all-Ray run to the Ray engine")
     from actors.faust.app import faust_guarantee
 
     faust_guarantee(settings)
@@ -217,26 +211,31 @@ def run_engines(
     settings_file.write_text(settings_to_json(settings))
 
     ray_stages = [s for s in STAGES if engines[s] == "ray"]
-    started_ray = False
     ray_workers: RayWorkers | None = None
     workers: dict[str, FaustProcess] = {}
     producers: dict[str, FaustProcess] = {}
-    try:
+    with contextlib.ExitStack() as on_exit:
         if ray_stages:
-            started_ray, ray_workers = _start_ray_stages(settings, plan, ray_stages)
+            on_exit.enter_context(ray_session(settings.ray, include_dashboard=plan.include_dashboard))
+            ray_workers = _start_ray_stages(settings, plan, ray_stages)
+            on_exit.callback(ray_workers.kill)
+        on_exit.callback(_stop_all, producers, workers)
         for stage in STAGES:
             if engines[stage] != "faust":
                 continue
             for i in range(plan.replicas[stage]):
                 name = f"{stage}-{i}"
-                workers[name] = FaustProcess(name, stage, ["stage", stage, name, str(run_dir)], run_dir, settings.faust.max_restarts)
+                workers[name] = FaustProcess(
+                    name, stage, ["stage", stage, name, str(run_dir)], run_dir, settings.faust.max_restarts
+                )
                 workers[name].start()
         group = FaustWorkers(workers, producers, ray_workers)
         wait_ready(settings, group, timeout_s=plan.stall_timeout_s)
         for spec in plan.sources:
             name = f"producer-{spec.stream_id}"
-            producers[name] = FaustProcess(name, "producer", ["produce", name, str(run_dir), json.dumps(dataclasses.asdict(spec))],
-                                           run_dir, max_restarts=0)
+            producers[name] = FaustProcess(
+                name, "producer", ["produce", name, str(run_dir), json.dumps(dataclasses.asdict(spec))], run_dir, max_restarts=0
+            )
             producers[name].start(new_session=False)
         t0 = time.time()
         progress = Progress()
@@ -250,29 +249,23 @@ def run_engines(
             w.wait(60)
         progress.update([s for s in (w.stats() for w in workers.values()) if s])
         summary = summarise(settings, plan, produced, progress, wall)
-        summary["engines"] = dict(engines)
-        summary["restarts"] = {n: w.restarts for n, w in workers.items() if w.restarts}
-        summary["moving_window"] = _moving_window(progress)
-        summary["processing_guarantee"] = settings.processing_guarantee
+        summary.engines = dict(engines)
+        summary.restarts = {n: w.restarts for n, w in workers.items() if w.restarts}
+        summary.moving_window = _moving_window(progress)
+        summary.processing_guarantee = settings.processing_guarantee
         write_summary(settings, plan, summary)
         return summary
-    finally:
-        for p in list(producers.values()) + list(workers.values()):
-            if p.alive():
-                p.stop()
-                p.wait(10)
-        if ray_workers is not None:
-            ray_workers.kill()
-        if started_ray:
-            import ray
-
-            ray.shutdown()
 
 
-def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str]) -> tuple[bool, RayWorkers]:
-    from cluster.raycluster import connect
+def _stop_all(producers: dict[str, FaustProcess], workers: dict[str, FaustProcess]) -> None:
+    """On the way out (an error, Ctrl-C, or after the summary): no process outlives its run."""
+    for p in list(producers.values()) + list(workers.values()):
+        if p.alive():
+            p.stop()
+            p.wait(10)
 
-    started = connect(settings.ray, include_dashboard=plan.include_dashboard)
+
+def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str]) -> RayWorkers:
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
@@ -280,7 +273,7 @@ def _start_ray_stages(settings: Settings, plan: RunPlan, stages: list[str]) -> t
     for stage in stages:
         for i in range(plan.replicas[stage]):
             ray_workers.launch(settings, stage, f"{stage}-{i}", gpus)
-    return started, ray_workers
+    return ray_workers
 
 
 class FaustWorkers:
@@ -307,7 +300,9 @@ class FaustWorkers:
         return out
 
     def finished_producers(self) -> dict[str, dict[str, Any]]:
-        finished = {name: _producer_result(p) for name, p in self.producers.items() if name not in self._reported and not p.alive()}
+        finished = {
+            name: _producer_result(p) for name, p in self.producers.items() if name not in self._reported and not p.alive()
+        }
         self._reported.update(finished)
         return finished
 
@@ -328,7 +323,9 @@ def _producer_result(p: FaustProcess) -> dict[str, Any]:
     try:
         result = dict(json.loads((p.run_dir / f"{p.name}.result.json").read_text()))
     except (OSError, ValueError):
-        raise PipelineError(f"{p.name} exited with {p.proc.returncode if p.proc else '?'} and no result: {p.log_tail()}") from None
+        raise PipelineError(
+            f"{p.name} exited with {p.proc.returncode if p.proc else '?'} and no result: {p.log_tail()}"
+        ) from None
     if "error" in result:
         raise PipelineError(f"{p.name}: {result['error']}")
     return result
@@ -338,7 +335,7 @@ def _moving_window(progress: Progress) -> dict[str, Any]:
     current: dict[str, Any] = {}
     size = step = None
     for s in progress.stage("count"):
-        mw = s.get("moving_window") or {}
+        mw = s.moving_window or {}
         size, step = mw.get("size_s", size), mw.get("step_s", step)
         current.update(mw.get("current") or {})
     return {"size_s": size, "step_s": step, "current": current} if size is not None else {}

@@ -40,8 +40,7 @@ def run_stage(stage: str, name: str, run_dir: Path) -> int:
 
     shell = FaustStage(settings, stage, name, stats_path=run_dir / f"{name}.json")
     shell.worker.setup()  # load the model before joining the group, as the Ray actor's start() does
-    worker = Worker(shell.app, loglevel="WARNING", logfile=str(run_dir / f"{name}.log"), quiet=True,
-                    override_logging=True)
+    worker = Worker(shell.app, loglevel="WARNING", logfile=str(run_dir / f"{name}.log"), quiet=True, override_logging=True)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

@@ -12,15 +12,13 @@ import resource
 from typing import Any
 
 from actors.producer import FrameProducer
-from actors.stages import CountWorker, CropWorker, InterWorker
+from actors.stages import WORKERS
 from pipeline.config import Settings
 from pipeline.sources import SourceSpec
 
-__all__ = ["StageActor", "ProducerActor", "WORKERS", "actor_options"]
+__all__ = ["StageActor", "ProducerActor", "actor_options"]
 
 logger = logging.getLogger(__name__)
-
-WORKERS = {"inter": InterWorker, "crop": CropWorker, "count": CountWorker}
 
 
 def _placement() -> dict[str, Any]:

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from kafka.errors import KafkaError, ProducerFencedError
 
-from cluster.clients import make_consumer, make_producer, send_record
-from cluster.reading import read_all
 from actors.producer import FrameProducer, stream_progress
 from actors.stages import CountWorker, InterWorker, read_table
+from cluster.clients import make_consumer, make_producer, send_record
+from cluster.reading import read_all
 from cluster.topics import create_topics
 from pipeline.codecs import decode_frame, encode_frame, encode_jpeg
 from pipeline.errors import SourceError

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster.clients import make_producer
-from cluster.reading import read_all
 from actors.producer import FrameProducer
 from actors.stages import CountWorker, CropWorker, InterWorker, read_table
+from cluster.clients import make_producer
+from cluster.reading import read_all
 from cluster.topics import create_topics
 from pipeline.crop import load_index
 from pipeline.sources import parse_source
@@ -62,9 +62,19 @@ def test_poison_records_are_skipped_and_counted(make_settings, highway: str) -> 
     create_topics(s.kafka, s.topics.all())
     producer = make_producer(s.kafka)
     a = s.topics.frames.name
-    producer.send(a, value=b"not a jpeg", headers=[("vapipe-type", b"frame"), ("schema_version", b"1"),
-                                                    ("stream_id", b"x"), ("frame_index", b"0"), ("capture_ts", b"1.0"),
-                                                    ("width", b"2"), ("height", b"2")])
+    producer.send(
+        a,
+        value=b"not a jpeg",
+        headers=[
+            ("vapipe-type", b"frame"),
+            ("schema_version", b"1"),
+            ("stream_id", b"x"),
+            ("frame_index", b"0"),
+            ("capture_ts", b"1.0"),
+            ("width", b"2"),
+            ("height", b"2"),
+        ],
+    )
     producer.send(a, value=b"\xff\xd8 no headers")
     producer.send(a, value=b"x", headers=[("vapipe-type", b"frame"), ("schema_version", b"99")])
     producer.send(s.topics.detections.name, key=b"x", value=b"{not json")

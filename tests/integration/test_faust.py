@@ -18,6 +18,7 @@ from actors.launcher import RunPlan
 from actors.stages import read_table
 from pipeline.config import Settings
 from pipeline.sources import parse_source
+from pipeline.stats import RunSummary
 from tests.conftest import _missing
 from tests.integration.test_pipeline import (
     assert_detections_and_crops_match_reference,
@@ -39,12 +40,18 @@ def faust_installed() -> None:
         _missing(f"faust-streaming is not installed ({exc}); `make setup` installs it")
 
 
-def run(settings: Settings, engine: str, sources: list[str], inter: int = 1, crop: int = 1, count: int = 1,
-        on_progress: Any = None) -> dict[str, Any]:
-    from actors.faust.engine import parse_engines, run_engines
+def run(
+    settings: Settings, engine: str, sources: list[str], inter: int = 1, crop: int = 1, count: int = 1, on_progress: Any = None
+) -> RunSummary:
+    from actors.engines import parse_engines
+    from actors.engines import run as run_engines
 
-    plan = RunPlan(sources=[parse_source(s) for s in sources], replicas={"inter": inter, "crop": crop, "count": count},
-                   include_dashboard=False, stall_timeout_s=240)
+    plan = RunPlan(
+        sources=[parse_source(s) for s in sources],
+        replicas={"inter": inter, "crop": crop, "count": count},
+        include_dashboard=False,
+        stall_timeout_s=240,
+    )
     return run_engines(settings, plan, parse_engines(engine), on_progress=on_progress)
 
 
@@ -56,41 +63,43 @@ def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_setting
     replicas = 2 if inter == 3 else 1
     summary = run(s, "faust", [f"hw={highway}"], inter=inter, crop=replicas, count=replicas)
 
-    assert summary["engines"] == {"inter": "faust", "crop": "faust", "count": "faust"}
-    assert summary["frames_produced"] == frames
-    assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
-    assert summary["frames_processed"]["inter"] == frames
-    assert summary["frames_processed"]["count"] == frames  # applied once each
-    assert summary["restarts"] == {}
-    assert set(summary["actors"]) >= {f"inter-{i}" for i in range(inter)}
-    assert all(a.get("peak_rss_mb") for n, a in summary["actors"].items() if not n.startswith("producer"))
+    assert summary.engines == {"inter": "faust", "crop": "faust", "count": "faust"}
+    assert summary.frames_produced == frames
+    assert summary.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary.frames_processed["inter"] == frames
+    assert summary.frames_processed["count"] == frames  # applied once each
+    assert summary.restarts == {}
+    assert set(summary.actors) >= {f"inter-{i}" for i in range(inter)}
+    assert all(a.get("peak_rss_mb") for n, a in summary.actors.items() if not n.startswith("producer"))
 
     got, _ = assert_detections_and_crops_match_reference(s, "hw", frames)
     direct = direct_vehicle_count(got)
-    assert summary["vehicles"]["hw"] == direct
+    assert summary.vehicles["hw"] == direct
     # The Faust table's changelog is the Ray engine's: the same snapshot format, readable by `vapipe counts`.
     table = read_table(s)
     assert table["hw"]["totals"] == direct and table["hw"]["frames_applied"] == frames
     # The time-windowed moving count (a Faust hopping-window table) holds the same vehicles.
-    assert summary["moving_window"]["size_s"] == 600
-    assert summary["moving_window"]["current"]["hw"] == direct
+    assert summary.moving_window["size_s"] == 600
+    assert summary.moving_window["current"]["hw"] == direct
 
 
 @pytest.mark.parametrize("engine", ["inter=ray,crop=faust,count=faust", "inter=faust,crop=ray,count=ray"])
-def test_mixed_engines_build_the_same_table_as_all_ray(faust_installed, ray_local, make_settings, highway: str, engine: str) -> None:
+def test_mixed_engines_build_the_same_table_as_all_ray(
+    faust_installed, ray_local, make_settings, highway: str, engine: str
+) -> None:
     frames = 60
     ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
     mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
     all_ray = run(ray_settings, "ray", [f"hw={highway}"], inter=2)
     mixed = run(mixed_settings, engine, [f"hw={highway}"], inter=2, count=2)
 
-    assert all_ray["engines"] == {"inter": "ray", "crop": "ray", "count": "ray"}
-    assert mixed["per_stream"]["hw"] == all_ray["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert all_ray.engines == {"inter": "ray", "crop": "ray", "count": "ray"}
+    assert mixed.per_stream["hw"] == all_ray.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
     want, got = read_table(ray_settings)["hw"], read_table(mixed_settings)["hw"]
     for key in ("totals", "frames_applied", "frames_expected", "window", "applied_watermark", "applied_above"):
         assert got[key] == want[key], key
-    assert mixed["vehicles"] == all_ray["vehicles"] == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
-    assert mixed["crops_per_label"] == all_ray["crops_per_label"]
+    assert mixed.vehicles == all_ray.vehicles == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
+    assert mixed.crops_per_label == all_ray.crops_per_label
 
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
@@ -103,24 +112,26 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
             return
         for st in progress.stage("count"):
             # The worker that owns the stream's partition, once it has applied (and committed) part of it.
-            if 20 <= int(st.get("frames_out") or 0) < frames - 30 and st.get("pid"):
-                os.kill(int(st["pid"]), signal.SIGKILL)
-                killed.append(st["name"])
+            if 20 <= st.frames_out < frames - 30 and st.pid:
+                os.kill(st.pid, signal.SIGKILL)
+                killed.append(st.name)
                 return
 
     summary = run(s, "faust", [f"hw={highway}"], inter=1, count=2, on_progress=kill_the_owner)
 
     assert killed, "the run ended before a count worker could be killed"
     # At least the kill; a worker found stuck afterwards is restarted too (faust.stuck_after_s).
-    assert summary["restarts"].get(killed[0], 0) >= 1
-    assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary.restarts.get(killed[0], 0) >= 1
+    assert summary.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
     table = read_table(s)["hw"]
     assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_above"] == []
     # No frame counted twice: the totals equal a direct count of C's vehicles above 0.5.
-    assert table["totals"] == summary["vehicles"]["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
+    assert table["totals"] == summary.vehicles["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
 
 
-def test_compare_bench_runs_both_engines_and_writes_report(faust_installed, ray_local, make_settings, highway: str, tmp_path: Path) -> None:
+def test_compare_bench_runs_both_engines_and_writes_report(
+    faust_installed, ray_local, make_settings, highway: str, tmp_path: Path
+) -> None:
     import csv
     import json
 
@@ -136,4 +147,4 @@ def test_compare_bench_runs_both_engines_and_writes_report(faust_installed, ray_
     out = write_report(result, tmp_path / "compare", command=["vapipe", "bench", "compare"])
     assert (out / "compare.png").stat().st_size > 1000
     assert json.loads((out / "compare.json").read_text())["benchmark"] == "compare"
-    assert len(list(csv.DictReader(open(out / "compare.csv")))) == 4
+    assert len(list(csv.DictReader((out / "compare.csv").read_text().splitlines()))) == 4

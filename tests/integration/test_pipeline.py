@@ -5,21 +5,22 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from actors.launcher import RunPlan
+from actors.ray.engine import run_pipeline
 from cluster.reading import read_all
-from actors.launcher import RunPlan, run_pipeline
 from pipeline.codecs import decode_detections, decode_frame, decode_jpeg
 from pipeline.config import ModelConfig, Settings
 from pipeline.crop import load_index
 from pipeline.detector import UltralyticsDetector
 from pipeline.messages import EndOfStream
 from pipeline.sources import parse_source
+from pipeline.stats import RunSummary
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
 
@@ -52,9 +53,13 @@ def reference_detections(settings: Settings, stream_id: str) -> dict[int, Any]:
     return out
 
 
-def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count: int = 1) -> dict[str, Any]:
-    plan = RunPlan(sources=[parse_source(s) for s in sources], replicas={"inter": inter, "crop": crop, "count": count},
-                   include_dashboard=False, stall_timeout_s=240)
+def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count: int = 1) -> RunSummary:
+    plan = RunPlan(
+        sources=[parse_source(s) for s in sources],
+        replicas={"inter": inter, "crop": crop, "count": count},
+        include_dashboard=False,
+        stall_timeout_s=240,
+    )
     return run_pipeline(settings, plan)
 
 
@@ -64,14 +69,14 @@ def test_highway_end_to_end_every_frame_counted_once(ray_local, make_settings, h
     s = make_settings(producer__max_frames=frames)
     summary = run(s, [f"hw={highway}"], inter=inter, crop=2 if inter == 3 else 1, count=2 if inter == 3 else 1)
 
-    assert summary["frames_produced"] == frames
-    assert summary["per_stream"]["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
-    assert summary["frames_processed"]["inter"] == frames
-    assert summary["frames_processed"]["count"] == frames  # applied once each
-    assert set(summary["actors"]) >= {f"inter-{i}" for i in range(inter)}
+    assert summary.frames_produced == frames
+    assert summary.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary.frames_processed["inter"] == frames
+    assert summary.frames_processed["count"] == frames  # applied once each
+    assert set(summary.actors) >= {f"inter-{i}" for i in range(inter)}
 
-    got, index = assert_detections_and_crops_match_reference(s, "hw", frames)
-    assert summary["vehicles"]["hw"] == direct_vehicle_count(got)
+    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames)
+    assert summary.vehicles["hw"] == direct_vehicle_count(got)
 
 
 VEHICLES = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}
@@ -87,7 +92,9 @@ def direct_vehicle_count(detections: dict[int, Any], labels: Any = VEHICLES) -> 
     return direct
 
 
-def assert_detections_and_crops_match_reference(s: Settings, stream_id: str, frames: int) -> tuple[dict[int, Any], dict[str, Any]]:
+def assert_detections_and_crops_match_reference(
+    s: Settings, stream_id: str, frames: int
+) -> tuple[dict[int, Any], dict[str, Any]]:
     """Detections on C equal a one-process run of the model; crops are exactly C's boxes above 0.7.
 
     Returns C's detections per frame and the crop index, for further checks.
@@ -118,11 +125,11 @@ def assert_detections_and_crops_match_reference(s: Settings, stream_id: str, fra
 def test_two_streams_keep_their_counts_apart(ray_local, make_settings, highway: str, race: str) -> None:
     s = make_settings(producer__max_frames=20)
     summary = run(s, [f"hw={highway}", f"race={race}"], inter=2)
-    assert summary["per_stream"]["hw"]["counted"] == 20
-    assert summary["per_stream"]["race"]["counted"] == 20
+    assert summary.per_stream["hw"]["counted"] == 20
+    assert summary.per_stream["race"]["counted"] == 20
     for stream in ("hw", "race"):
-        assert summary["vehicles"][stream] == direct_vehicle_count(detections_on_c(s, stream), s.counting.labels)
-    assert summary["vehicles"]["hw"] != summary["vehicles"]["race"]
+        assert summary.vehicles[stream] == direct_vehicle_count(detections_on_c(s, stream), s.counting.labels)
+    assert summary.vehicles["hw"] != summary.vehicles["race"]
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt"])
@@ -131,10 +138,15 @@ def test_bad_video_fails_before_anything_is_published(make_settings, tmp_path: P
     path = tmp_path / "clip.mp4"
     if kind == "corrupt":
         path.write_bytes(os.urandom(4096))
-    env = dict(os.environ, VAPIPE_KAFKA__BOOTSTRAP_SERVERS=s.kafka.bootstrap_servers,
-               VAPIPE_TOPICS__FRAMES__NAME=s.topics.frames.name, VAPIPE_MODEL__NAME=s.model.name)
-    proc = subprocess.run([sys.executable, "-m", "cli", "run", "--source", str(path)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        VAPIPE_KAFKA__BOOTSTRAP_SERVERS=s.kafka.bootstrap_servers,
+        VAPIPE_TOPICS__FRAMES__NAME=s.topics.frames.name,
+        VAPIPE_MODEL__NAME=s.model.name,
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "run", "--source", str(path)], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and str(path) in last
@@ -144,18 +156,25 @@ def test_bad_video_fails_before_anything_is_published(make_settings, tmp_path: P
     assert s.topics.frames.name not in list_topics(s.kafka)  # nothing created, nothing published
 
 
-def test_unreadable_frame_is_skipped_and_counted_in_the_summary(ray_local, make_settings, shared_dir: Path, tmp_path: Path) -> None:
+def test_unreadable_frame_is_skipped_and_counted_in_the_summary(
+    ray_local, make_settings, shared_dir: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "frames"
     folder.mkdir()
     for i, name in enumerate(["bus.jpg", "street-dog.jpg", "bus.jpg"]):
         (folder / f"{i:03d}.jpg").write_bytes((shared_dir / "images" / name).read_bytes())
     (folder / "001b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated, not an image")
     s = make_settings(model__name="sleep:5ms")
-    plan = RunPlan(sources=[parse_source(f"cam={folder}")], replicas={"inter": 1, "crop": 1, "count": 1},
-                   include_dashboard=False, allow_calibration=True, stall_timeout_s=120)
+    plan = RunPlan(
+        sources=[parse_source(f"cam={folder}")],
+        replicas={"inter": 1, "crop": 1, "count": 1},
+        include_dashboard=False,
+        allow_calibration=True,
+        stall_timeout_s=120,
+    )
     summary = run_pipeline(s, plan)
-    assert summary["frames_skipped"] == 1
-    assert summary["per_stream"]["cam"] == {"produced": 3, "skipped": 1, "counted": 3}
+    assert summary.frames_skipped == 1
+    assert summary.per_stream["cam"] == {"produced": 3, "skipped": 1, "counted": 3}
 
 
 def test_run_refuses_the_calibration_detector_unless_asked(make_settings, highway: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext as DoesNotRaise  # noqa: N812 - supervision's name for it
+from contextlib import nullcontext as DoesNotRaise
 
 import numpy as np
 
@@ -37,11 +37,15 @@ def vehicles(*pairs: tuple[str, float]) -> Detections:
     )
 
 
-def mock_meta(stream_id: str = "cam1", frame_index: int = 0, capture_ts: float = 1000.0, width: int = 64, height: int = 48) -> FrameMeta:
+def mock_meta(
+    stream_id: str = "cam1", frame_index: int = 0, capture_ts: float = 1000.0, width: int = 64, height: int = 48
+) -> FrameMeta:
     return FrameMeta(stream_id=stream_id, frame_index=frame_index, capture_ts=capture_ts, width=width, height=height)
 
 
-def mock_frame(stream_id: str = "cam1", frame_index: int = 0, detections: Detections | None = None, capture_ts: float | None = None) -> FrameDetections:
+def mock_frame(
+    stream_id: str = "cam1", frame_index: int = 0, detections: Detections | None = None, capture_ts: float | None = None
+) -> FrameDetections:
     ts = 1000.0 + frame_index if capture_ts is None else capture_ts
     return FrameDetections(
         meta=mock_meta(stream_id, frame_index, ts),

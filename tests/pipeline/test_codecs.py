@@ -32,10 +32,10 @@ from tests.pipeline.helpers import DoesNotRaise, gradient_image, mock_detections
 JPEG_SOI, JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
 IMAGE = gradient_image(48, 64)
 JPEG = encode_jpeg(IMAGE, quality=90)
-DETECTIONS = mock_detections(
-    [[1.5, 2.25, 30.0, 40.0], [0, 0, 64, 48]], [0.91, 0.42], ["car", "traffic light"], [2, 9]
+DETECTIONS = mock_detections([[1.5, 2.25, 30.0, 40.0], [0, 0, 64, 48]], [0.91, 0.42], ["car", "traffic light"], [2, 9])
+RESULT = FrameDetections(
+    meta=mock_meta("cam1", 7, 1700000000.125, 64, 48), detections=DETECTIONS, model="yolo.onnx", inference_ms=12.34567
 )
-RESULT = FrameDetections(meta=mock_meta("cam1", 7, 1700000000.125, 64, 48), detections=DETECTIONS, model="yolo.onnx", inference_ms=12.34567)
 
 
 def frame_headers(**changes: str | None) -> list[tuple[str, bytes]]:
@@ -158,7 +158,11 @@ def test_headers_as_kafka_python_gives_them() -> None:
         (JPEG, [*frame_headers(), ("stream_id", b"\xff\xfe")], "header 'stream_id' is not UTF-8"),
         (b"", frame_headers(), "frame cam1/00000007 has an empty payload"),
         (None, frame_headers(), "empty payload"),
-        (b"", [("vapipe-type", b"eos"), ("schema_version", b"1"), ("stream_id", b"s")], "end-of-stream record lacks 'frames_published'"),
+        (
+            b"",
+            [("vapipe-type", b"eos"), ("schema_version", b"1"), ("stream_id", b"s")],
+            "end-of-stream record lacks 'frames_published'",
+        ),
         (
             b"",
             [("vapipe-type", b"eos"), ("schema_version", b"1"), ("stream_id", b"s"), ("frames_published", b"many")],

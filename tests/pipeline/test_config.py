@@ -164,7 +164,7 @@ def test_env_string_fields_keep_numeric_looking_text(environ: dict[str, str], fi
         ("topics:\n  frames:\n    name: ''\n", "topics.frames.name"),
         ("inter: 3\n", "inter"),
         ("inter:\n  replicas: 0\n  batch_size: 0\n", "inter.replicas"),
-        ("producer:\n  jpeg_quality: \"50\\n60\"\n", "producer.jpeg_quality"),
+        ('producer:\n  jpeg_quality: "50\\n60"\n', "producer.jpeg_quality"),
     ],
 )
 def test_invalid_value_is_one_line_naming_field_and_file(tmp_path: Path, yaml_text: str, field: str) -> None:

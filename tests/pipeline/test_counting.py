@@ -96,7 +96,9 @@ def test_applied_frames_stays_small_for_long_streams() -> None:
 
 def test_update_counts_a_frame() -> None:
     counter = make_counter()
-    frame = mock_frame("cam1", 0, vehicles(("car", 0.9), ("car", 0.7), ("truck", 0.55), ("person", 0.99), ("bus", 0.5)), capture_ts=12.5)
+    frame = mock_frame(
+        "cam1", 0, vehicles(("car", 0.9), ("car", 0.7), ("truck", 0.55), ("person", 0.99), ("bus", 0.5)), capture_ts=12.5
+    )
     update = counter.update(frame)
     assert update is not None
     assert update.to_dict() == {
@@ -281,8 +283,20 @@ def test_streams_are_kept_apart() -> None:
     counter.end_of_stream(EndOfStream("south", frames_published=2))
     table = counter.table()
     assert list(table) == ["north", "south"]
-    assert table["north"] == {"totals": {"car": 3}, "moving": {"car": 1}, "frames_applied": 2, "frames_expected": None, "complete": False}
-    assert table["south"] == {"totals": {"bus": 1, "car": 1}, "moving": {"bus": 1, "car": 1}, "frames_applied": 2, "frames_expected": 2, "complete": True}
+    assert table["north"] == {
+        "totals": {"car": 3},
+        "moving": {"car": 1},
+        "frames_applied": 2,
+        "frames_expected": None,
+        "complete": False,
+    }
+    assert table["south"] == {
+        "totals": {"bus": 1, "car": 1},
+        "moving": {"bus": 1, "car": 1},
+        "frames_applied": 2,
+        "frames_expected": 2,
+        "complete": True,
+    }
     snapshot = counter.snapshot("south")
     fresh = make_counter(window_frames=2)
     fresh.restore("south", snapshot)

@@ -119,7 +119,10 @@ def test_crop_key_is_a_safe_deterministic_file_stem(stream_id: str) -> None:
     ("stream_a", "stream_b"),
     [
         # Distinct streams must never share crop files or index entries.
-        ("north-entrance-camera-overlooking-the-highway-junction-lane-1-2024", "north-entrance-camera-overlooking-the-highway-junction-lane-1-2025"),
+        (
+            "north-entrance-camera-overlooking-the-highway-junction-lane-1-2024",
+            "north-entrance-camera-overlooking-the-highway-junction-lane-1-2025",
+        ),
         ("highway@run1", "highway_run1"),  # for_run() ids contain '@'; '_' is as valid in a stream id
         ("cam.1", "cam_1"),
     ],

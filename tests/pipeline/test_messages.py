@@ -51,10 +51,22 @@ def test_empty_detections() -> None:
     [
         ({"stream_id": "cam1", "frame_index": 0, "capture_ts": 1.5, "width": 640, "height": 480}, DoesNotRaise()),
         ({"stream_id": "cam1", "frame_index": 10**9, "capture_ts": 0.0, "width": 1, "height": 1}, DoesNotRaise()),
-        ({"stream_id": "", "frame_index": 0, "capture_ts": 0.0, "width": 1, "height": 1}, pytest.raises(ValueError, match="stream_id must not be empty")),
-        ({"stream_id": "s", "frame_index": -1, "capture_ts": 0.0, "width": 1, "height": 1}, pytest.raises(ValueError, match="frame_index must be >= 0, got -1")),
-        ({"stream_id": "s", "frame_index": 0, "capture_ts": 0.0, "width": 0, "height": 1}, pytest.raises(ValueError, match="frame size must be positive, got 0x1")),
-        ({"stream_id": "s", "frame_index": 0, "capture_ts": 0.0, "width": 5, "height": -2}, pytest.raises(ValueError, match="got 5x-2")),
+        (
+            {"stream_id": "", "frame_index": 0, "capture_ts": 0.0, "width": 1, "height": 1},
+            pytest.raises(ValueError, match="stream_id must not be empty"),
+        ),
+        (
+            {"stream_id": "s", "frame_index": -1, "capture_ts": 0.0, "width": 1, "height": 1},
+            pytest.raises(ValueError, match="frame_index must be >= 0, got -1"),
+        ),
+        (
+            {"stream_id": "s", "frame_index": 0, "capture_ts": 0.0, "width": 0, "height": 1},
+            pytest.raises(ValueError, match="frame size must be positive, got 0x1"),
+        ),
+        (
+            {"stream_id": "s", "frame_index": 0, "capture_ts": 0.0, "width": 5, "height": -2},
+            pytest.raises(ValueError, match="got 5x-2"),
+        ),
     ],
 )
 def test_frame_meta_validation(kwargs: dict[str, Any], exception: Any) -> None:
@@ -113,7 +125,10 @@ def test_to_records_values() -> None:
         ([{"label": "car", "class_id": 2, "confidence": 0.9, "box": [0, 0, 1, 1]}], DoesNotRaise()),
         ([{"label": "car", "class_id": 2, "confidence": 0.9}], pytest.raises(KeyError)),
         ([{"label": "car", "class_id": 2, "confidence": 0.9, "box": [0, 0, 1]}], pytest.raises(ValueError)),
-        ([{"label": "car", "class_id": 2, "confidence": 0.9, "box": [0, 0, 1, 1, 2, 2, 3, 3]}], pytest.raises(ValueError, match="shape")),
+        (
+            [{"label": "car", "class_id": 2, "confidence": 0.9, "box": [0, 0, 1, 1, 2, 2, 3, 3]}],
+            pytest.raises(ValueError, match="shape"),
+        ),
     ],
 )
 def test_from_records_rejects_bad_boxes(records: list[dict[str, Any]], exception: Any) -> None:
@@ -131,9 +146,7 @@ def test_from_records_rejects_bad_boxes(records: list[dict[str, Any]], exception
     ],
 )
 def test_filter(mask: Any, expected_labels: tuple[str, ...]) -> None:
-    detections = mock_detections(
-        [[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, 3, 3]], [0.9, 0.2, 0.8], ["car", "bus", "dog"], [2, 5, 16]
-    )
+    detections = mock_detections([[0, 0, 1, 1], [1, 1, 2, 2], [2, 2, 3, 3]], [0.9, 0.2, 0.8], ["car", "bus", "dog"], [2, 5, 16])
     kept = detections.filter(np.asarray(mask))
     assert kept.labels == expected_labels
     assert len(kept) == len(expected_labels)

@@ -17,6 +17,9 @@ def test_ray_helper_starts_and_stops_a_local_instance() -> None:
         from cluster.raycluster import connect
 
         assert connect(RayConfig()) is False
+        with ray_session(RayConfig(), include_dashboard=False):
+            pass
+        assert ray.is_initialized(), "ray_session stopped a Ray it did not start"
         return
     with ray_session(RayConfig(num_cpus=1), include_dashboard=False):
         assert ray.is_initialized() and ray.cluster_resources()["CPU"] == 1

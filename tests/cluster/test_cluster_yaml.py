@@ -16,10 +16,9 @@ import click
 import jsonschema
 import pytest
 import yaml
-
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster" / "ray-cluster.yaml"
+CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster" / "ray-cluster.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 from pydantic import SecretStr
 
+from actors.engines import parse_engines
 from actors.faust.app import CollectingProducer, EventRecord, faust_guarantee, settings_from_json, settings_to_json
-from actors.faust.engine import parse_engines
 from actors.stages import CountWorker
 from pipeline.codecs import decode_json, encode_detections
 from pipeline.config import KafkaConfig, Settings
@@ -105,9 +105,14 @@ def test_cli_rejects_an_unknown_engine_in_one_line() -> None:
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-m", "cli", "run", "--source", "demo", "--engine", "flink"],
-                          cwd=root, capture_output=True, text=True, timeout=120)
+    root = Path(__file__).resolve().parents[3]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cli", "run", "--source", "demo", "--engine", "flink"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: invalid --engine 'flink'")
     assert "Traceback" not in proc.stderr
@@ -151,8 +156,12 @@ def test_held_gaps_stop_faust_committing_past_skipped_offsets_until_released() -
 
     hold_faust_gaps()
     tp = TP("c", 0)
-    consumer = SimpleNamespace(_acked=defaultdict(list), _acked_index=defaultdict(set), _gap=defaultdict(IntervalTree),
-                               _committed_offset=defaultdict(lambda: None))
+    consumer = SimpleNamespace(
+        _acked=defaultdict(list),
+        _acked_index=defaultdict(set),
+        _gap=defaultdict(IntervalTree),
+        _committed_offset=defaultdict(lambda: None),
+    )
     consumer._committed_offset[tp] = 0
     consumer._acked[tp] = [0, 1, 2, 9]  # offsets 3..8 were skipped: Faust went from 2 straight to 9
     asyncio.run(Consumer._add_gap(consumer, tp, 3, 9))  # what Faust calls on the skip: held, marks nothing
@@ -169,7 +178,9 @@ def test_a_worker_with_records_waiting_and_no_progress_exits_to_be_restarted(tmp
     from actors import faust_app
     from actors.faust.app import FaustStage
 
-    s = Settings.model_validate({"output_dir": str(tmp_path), "processing_guarantee": "at_least_once", "faust": {"stuck_after_s": 30}})
+    s = Settings.model_validate(
+        {"output_dir": str(tmp_path), "processing_guarantee": "at_least_once", "faust": {"stuck_after_s": 30}}
+    )
     stage = FaustStage(s, "crop", "crop-0")
     exits: list[int] = []
     monkeypatch.setattr(faust_app.os, "_exit", exits.append)

@@ -27,7 +27,9 @@ def _restart(broker: KafkaBroker) -> None:
     broker.start()
 
 
-def test_every_fault_loses_nothing_and_counts_nothing_twice(ray_local, make_settings, own_broker: KafkaBroker, highway: str) -> None:
+def test_every_fault_loses_nothing_and_counts_nothing_twice(
+    ray_local, make_settings, own_broker: KafkaBroker, highway: str
+) -> None:
     s = make_settings(kafka__bootstrap_servers=own_broker.bootstrap, producer__fps=15)
     result = chaos(s, highway, frames=60, faults=list(FAULTS), replicas=2, restart_broker=lambda: _restart(own_broker))
     rows = {r["fault"]: r for r in result["rows"]}

@@ -41,7 +41,7 @@ def test_scaling_bench_writes_report(ray_local, make_settings, highway: str, tmp
     out = write_report(result, tmp_path / mode, command=["vapipe", "bench", mode])
     assert (out / f"{mode}.png").stat().st_size > 1000
     assert json.loads((out / f"{mode}.json").read_text())["benchmark"] == mode
-    rows = list(csv.DictReader(open(out / f"{mode}.csv")))
+    rows = list(csv.DictReader((out / f"{mode}.csv").read_text().splitlines()))
     assert len(rows) == 2 and float(rows[0]["latency_p50_ms"]) >= 0
     assert "vapipe bench " + mode in (out / "README.md").read_text()
 

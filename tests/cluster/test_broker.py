@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.clients import check_broker
 from cluster.broker import KafkaBroker, server_properties
+from cluster.clients import check_broker
 from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError
 from tests.conftest import free_port

@@ -1,0 +1,291 @@
+"""The run contract: what every worker reports and what a run summary holds, as typed data.
+
+Workers report ``WorkerStats`` (over Ray, or as JSON files from Faust worker processes);
+the driver folds them into a ``RunSummary`` that is written to ``output/runs/<run>.json``.
+Keys of that JSON are only ever added, never renamed, so scripts that read it keep working;
+``schema_version`` says which fields to expect.
+
+Latencies live in a ``LatencyHistogram``: fixed log-spaced buckets, so memory stays bounded
+however long a camera runs, and histograms of several replicas merge by adding counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+__all__ = ["STAGES", "SUMMARY_SCHEMA_VERSION", "LatencyHistogram", "WorkerStats", "RunSummary"]
+
+STAGES: tuple[str, ...] = ("inter", "crop", "count")
+"""The consumer stages, in data-path order: A -> inter -> B/C -> crop (B) and count (C)."""
+
+SUMMARY_SCHEMA_VERSION = 2
+"""1: the untyped summary of the first releases; 2: adds ``schema_version`` and ``latency_histogram``."""
+
+
+class LatencyHistogram:
+    """Latencies in milliseconds, in log-spaced buckets 2% wide from 0.1 ms to about 28 hours.
+
+    Percentiles are exact to the bucket (±1%), memory is one small array whatever the count,
+    and two histograms merge by adding counts (HdrHistogram's idea, in numpy).
+    """
+
+    LOW_MS = 0.1
+    GROWTH = 1.02
+    BUCKETS = 1024
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BUCKETS, dtype=np.int64)
+
+    @classmethod
+    def _bucket(cls, value_ms: float) -> int:
+        if not value_ms > cls.LOW_MS:  # also catches NaN and negatives (clock skew between hosts)
+            return 0
+        if not math.isfinite(value_ms):
+            return cls.BUCKETS - 1
+        return min(int(math.log(value_ms / cls.LOW_MS, cls.GROWTH)) + 1, cls.BUCKETS - 1)
+
+    @classmethod
+    def _value(cls, bucket: int) -> float:
+        """The geometric middle of a bucket."""
+        if bucket == 0:
+            return cls.LOW_MS
+        return float(cls.LOW_MS * cls.GROWTH ** (bucket - 0.5))
+
+    def record(self, value_ms: float) -> None:
+        self.counts[self._bucket(value_ms)] += 1
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    def merge(self, other: LatencyHistogram) -> LatencyHistogram:
+        self.counts += other.counts
+        return self
+
+    def percentile(self, q: float) -> float:
+        """The value below which a fraction ``q`` (0..1) of the samples lie; 0.0 when empty."""
+        total = self.count
+        if total == 0:
+            return 0.0
+        rank = min(max(int(q * total), 0), total - 1)
+        bucket = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
+        return self._value(bucket)
+
+    def summary(self) -> dict[str, float]:
+        """The summary's ``count_latency_ms`` block: p50, p95, p99 and the sample count ``n``."""
+        if self.count == 0:
+            return {}
+        return {
+            "p50": round(self.percentile(0.5), 1),
+            "p95": round(self.percentile(0.95), 1),
+            "p99": round(self.percentile(0.99), 1),
+            "n": float(self.count),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Sparse, JSON-safe form: the bucket layout and the non-empty buckets."""
+        nonzero = np.flatnonzero(self.counts)
+        return {
+            "low_ms": self.LOW_MS,
+            "growth": self.GROWTH,
+            "buckets": {str(int(i)): int(self.counts[i]) for i in nonzero},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> LatencyHistogram:
+        hist = cls()
+        if not data:
+            return hist
+        if data.get("low_ms") != cls.LOW_MS or data.get("growth") != cls.GROWTH:
+            raise ValueError(f"latency histogram layout {data.get('low_ms')}/{data.get('growth')} is not ours")
+        for key, n in (data.get("buckets") or {}).items():
+            index = int(key)
+            if 0 <= index < cls.BUCKETS and int(n) > 0:
+                hist.counts[index] += int(n)
+        return hist
+
+
+@dataclass
+class WorkerStats:
+    """One worker's report (a stage replica or a producer), polled about once a second.
+
+    Stage-specific fields stay at their defaults for other stages.
+    """
+
+    name: str
+    """Actor or process name: ``inter-0``, ``count-1``, ``producer-<stream>``."""
+    stage: str
+    """``inter``, ``crop``, ``count`` or ``producer``."""
+    running: bool = True
+    """The worker's loop is running (False once stopped, finished or crashed)."""
+    ready: bool = False
+    """Clients exist, the model is loaded and the first poll joined the group."""
+    assigned: int = 0
+    """Input partitions this worker owns, as of its last poll."""
+    records_in: int = 0
+    """Input records consumed in committed batches (frames, end markers and poison records)."""
+    frames_in: int = 0
+    """Frames taken from the input (a redelivered count frame is counted here and in ``duplicates``)."""
+    frames_out: int = 0
+    """Frames fully handled: detected, cropped, or applied to the table (producers: frames published)."""
+    poison: int = 0
+    """Records that did not decode."""
+    dead_lettered: int = 0
+    """Records sent to the dead-letter topic."""
+    commit_failures: int = 0
+    """At-least-once offset commits refused after a rebalance (the records are redelivered)."""
+    retries: int = 0
+    """Batches that failed (broker, sink) and were rewound to be retried."""
+    fps: float = 0.0
+    """Frames/s over the last ~30 polls."""
+    lag: int | None = None
+    """Records left in the partitions this worker owns."""
+    uptime_s: float = 0.0
+    last_error: str | None = None
+    """The last failure, cleared when a retry succeeds."""
+    # inter
+    detections: int = 0
+    end_of_streams: int = 0
+    model: str | None = None
+    inference_s: float = 0.0
+    """Seconds spent in the detector."""
+    # crop
+    crops: dict[str, int] = field(default_factory=dict)
+    """Crops written per label, committed batches only."""
+    # count
+    duplicates: int = 0
+    """Redelivered frames the table had already applied."""
+    restores: int = 0
+    """Times the table was re-read from its changelog (assignments and rewinds)."""
+    table: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """This replica's view of the count table: stream -> snapshot summary."""
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    """Capture-to-count latency percentiles (p50, p95, p99, n)."""
+    latency_histogram: dict[str, Any] | None = None
+    """``LatencyHistogram.to_dict()`` of the same samples, so the driver merges replicas exactly."""
+    last_applied_ts: float | None = None
+    """Wall-clock time of the last frame applied to the table."""
+    moving_window: dict[str, Any] | None = None
+    """Faust count workers: the hopping-window table's size, step and current view."""
+    # producer
+    stream_id: str | None = None
+    frames_skipped: int = 0
+    # placement
+    node: str | None = None
+    node_id: str | None = None
+    pid: int | None = None
+    gpus: list[str] = field(default_factory=list)
+    peak_rss_mb: float | None = None
+    # Faust engine
+    engine: str = "ray"
+    crashed: str | None = None
+    """Why a Faust worker process exited, if it did."""
+    skipped_read: int = 0
+    """Records Faust skipped after a rebalance, read back from Kafka and processed."""
+    restarts: int = 0
+    """Times the engine restarted this worker."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerStats:
+        """From a worker's JSON report; unknown keys (a newer worker) are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def histogram(self) -> LatencyHistogram:
+        return LatencyHistogram.from_dict(self.latency_histogram)
+
+
+@dataclass
+class RunSummary:
+    """What a run did, written to ``output/runs/<run_id>.json`` and returned by ``run_pipeline``."""
+
+    run_id: str
+    model: str
+    sources: dict[str, str]
+    """Stream id -> source URI (credentials redacted)."""
+    replicas: dict[str, int]
+    frames_produced: int
+    """Frames of this run's streams in topic A (including those a crashed producer published)."""
+    frames_skipped: int
+    """Frames the producers skipped (unreadable)."""
+    per_stream: dict[str, dict[str, int]]
+    """Stream id -> produced, skipped and counted frames."""
+    frames_processed: dict[str, int]
+    """Stage -> frames handled by its replicas (a restarted replica's frames before the restart are not included)."""
+    poison_records: dict[str, int]
+    dead_lettered: dict[str, int]
+    retried_batches: dict[str, int]
+    detections: int
+    """Boxes the InterConsumers found."""
+    crops_per_label: dict[str, int]
+    crops_dir: str
+    vehicles: dict[str, dict[str, int]]
+    """Stream id -> vehicle class -> boxes counted over all frames (the study's per-frame count)."""
+    vehicle_totals: dict[str, int]
+    wall_s: float
+    """From the producers' start to the last stage drained."""
+    processing_s: float
+    """From the first frame published to the last count applied, on the workers' clocks."""
+    frames_per_s: float
+    """``frames_produced / processing_s``."""
+    count_latency_ms: dict[str, float]
+    """Capture-to-count latency: p50, p95, p99 and ``n`` over every counted frame."""
+    stage_peak_fps: dict[str, float]
+    timeline: list[dict[str, Any]]
+    """One sample a second: produced frames and per stage frames, f/s and lag."""
+    actors: dict[str, dict[str, Any]]
+    """Worker name -> stage, frames_out, fps, node, gpus, peak_rss_mb."""
+    latency_histogram: dict[str, Any] = field(default_factory=dict)
+    """``LatencyHistogram.to_dict()`` of every counted frame, for merging runs."""
+    schema_version: int = SUMMARY_SCHEMA_VERSION
+    summary_path: str | None = None
+    """Where the JSON was written (set by ``write_summary``)."""
+    # Faust engine and mixed runs
+    engines: dict[str, str] | None = None
+    """Stage -> engine, when not every stage ran on Ray."""
+    processing_guarantee: str | None = None
+    restarts: dict[str, int] | None = None
+    """Faust worker -> times the engine restarted it."""
+    moving_window: dict[str, Any] | None = None
+    """Faust's hopping-window counts (stream -> class -> count), merged over its count workers."""
+
+    def report(self) -> str:
+        """The few lines a person reads at the end of a run (the JSON has everything else)."""
+        lat = self.count_latency_ms
+        latency = f", latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms" if lat else ""
+        streams = len(self.per_stream)
+        lines = [
+            f"run {self.run_id}: {self.frames_produced} frames from {streams} stream{'s' * (streams != 1)} "
+            f"in {self.processing_s:.1f} s ({self.frames_per_s:.1f} frames/s){latency}",
+            f"  {'stream':<32}{'produced':>10}{'skipped':>9}{'counted':>9}  vehicles",
+        ]
+        for sid, row in self.per_stream.items():
+            vehicles = ", ".join(f"{k}={v}" for k, v in sorted(self.vehicles.get(sid, {}).items())) or "-"
+            lines.append(
+                f"  {sid:<32}{row.get('produced', 0):>10}{row.get('skipped', 0):>9}{row.get('counted', 0):>9}  {vehicles}"
+            )
+        crops = sum(self.crops_per_label.values())
+        by_label = ", ".join(f"{k}={v}" for k, v in self.crops_per_label.items())
+        lines.append(f"  crops: {crops}" + (f" ({by_label})" if by_label else "") + f" in {self.crops_dir}")
+        lines.append(
+            f"  dead-lettered: {sum(self.dead_lettered.values())}, retried batches: {sum(self.retried_batches.values())}"
+        )
+        if self.summary_path:
+            lines.append(f"  summary: {self.summary_path}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: every field, leaving out engine-specific ones that are unset."""
+        data = asdict(self)
+        for key in ("engines", "processing_guarantee", "restarts", "moving_window", "summary_path"):
+            if data[key] is None:
+                del data[key]
+        return data
