@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -169,7 +170,10 @@ def run_fault(
     """One pipeline run of ``frames`` frames with ``fault`` injected; returns its row and its crop keys."""
     if fault not in FAULTS:
         raise PipelineError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
-    s = isolated(settings)
+    # Fresh topics, groups and crop folder: each run's corpus is its own, not piled on the last one's.
+    s = isolated(settings).model_copy(
+        update={"output_dir": str(Path(settings.output_dir) / "chaos" / f"{fault}-{uuid.uuid4().hex[:6]}")}
+    )
     injector = Injector(fault, trigger_frames=max(1, frames // 3), restart_broker=restart_broker)
     plan = RunPlan(
         sources=[parse_source(video, stream_id="chaos")],

@@ -105,8 +105,8 @@ def make_consumer(cfg: KafkaConfig, *topics: str, group_id: str | None, **overri
         "auto_offset_reset": "earliest",
         "fetch_max_bytes": max(cfg.max_message_bytes * 2, 52428800),
         "max_partition_fetch_bytes": cfg.max_message_bytes,
-        "session_timeout_ms": 20000,
-        "heartbeat_interval_ms": 2000,
+        "session_timeout_ms": cfg.session_timeout_ms,
+        "heartbeat_interval_ms": cfg.heartbeat_interval_ms,
         # A topic created moments before subscribing may be missing from the first metadata;
         # refresh often so the group rebalances onto it within seconds, not minutes.
         "metadata_max_age_ms": 5000,

@@ -66,6 +66,12 @@ class KafkaConfig(_Frozen):
     ssl_cafile: str | None = None
     connect_timeout_s: float = Field(10.0, gt=0)
     """How long a command waits for the broker before it fails with a clear error."""
+    session_timeout_ms: int = Field(20000, ge=6000)
+    """A consumer that stops heartbeating this long is dropped from its group and its partitions move
+    to the others; lower recovers a killed replica sooner, higher rides out longer pauses (6 s minimum:
+    the broker's group.min.session.timeout.ms)."""
+    heartbeat_interval_ms: int = Field(2000, gt=0)
+    """How often consumers heartbeat; keep it under a third of ``session_timeout_ms``."""
     linger_ms: int = Field(5, ge=0)
     """Producer batching delay; 5 ms as in the study."""
     compression_type: Compression = "snappy"

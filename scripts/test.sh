@@ -15,4 +15,4 @@ test_broker start
 export VAPIPE_TEST_BOOTSTRAP=127.0.0.1:$PORT
 export RAY_USAGE_STATS_ENABLED=0
 # pytest exits 5 when it collected nothing: with set -e that fails the run, as it should.
-.venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest --durations=25 "$@"

@@ -44,6 +44,36 @@ def model_path(shared_dir: Path) -> str:
     return str(path)
 
 
+class ReferenceDetector:
+    """The shared model in this process, one detection per distinct JPEG for the whole session.
+
+    End-to-end tests compare what the pipeline put on topic C with this; the same frames of the
+    same video encode to the same JPEG bytes in every test, so each is detected once.
+    """
+
+    def __init__(self, model: str) -> None:
+        from pipeline.config import ModelConfig
+        from pipeline.detector import UltralyticsDetector
+
+        self.detector = UltralyticsDetector(ModelConfig(name=model))
+        self.cache: dict[bytes, Any] = {}
+
+    def detect(self, jpeg: bytes) -> Any:
+        import hashlib
+
+        from pipeline.codecs import decode_jpeg
+
+        key = hashlib.sha256(jpeg).digest()
+        if key not in self.cache:
+            self.cache[key] = self.detector.detect([decode_jpeg(jpeg)])[0]
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def reference_detector(model_path: str) -> ReferenceDetector:
+    return ReferenceDetector(model_path)
+
+
 @pytest.fixture(scope="session")
 def highway(shared_dir: Path) -> str:
     return str(shared_dir / "videos" / "highway-320x240.avi")
@@ -99,27 +129,33 @@ def private_broker(state_dir: Path) -> Iterator[Any]:
         broker.stop()
 
 
+def build_settings(bootstrap: str, out_dir: Path, model: str, **overrides: Any) -> Settings:
+    """Settings with unique topics and groups, output under ``out_dir``; overrides as ``section__field=value``."""
+    tag = uuid.uuid4().hex[:8]
+    tree: dict[str, Any] = {
+        # A killed replica's partitions move after 10 s instead of 20 (recovery tests wait for that).
+        "kafka": {"bootstrap_servers": bootstrap, "session_timeout_ms": 10000, "heartbeat_interval_ms": 1000},
+        "topics": {
+            key: {"name": f"t{tag}.{key}"}
+            for key in ("frames", "detected_frames", "detections", "counts", "counts_changelog", "dead_letter")
+        },
+        "group_prefix": f"g{tag}",
+        "output_dir": str(out_dir / f"out-{tag}"),
+        "model": {"name": model},
+        "producer": {"fps": 0},
+    }
+    tree["topics"]["counts_changelog"]["config"] = {"cleanup.policy": "compact"}
+    for dotted, value in overrides.items():
+        set_path(tree, dotted.split("__"), value)
+    return load_settings(None, overrides=tree, environ={})
+
+
 @pytest.fixture
 def make_settings(kafka_bootstrap: str, tmp_path: Path, model_path: str) -> Any:
     """Settings with unique topics and groups for this test, output under tmp_path."""
 
     def make(**overrides: Any) -> Settings:
-        tag = uuid.uuid4().hex[:8]
-        tree: dict[str, Any] = {
-            "kafka": {"bootstrap_servers": kafka_bootstrap},
-            "topics": {
-                key: {"name": f"t{tag}.{key}"}
-                for key in ("frames", "detected_frames", "detections", "counts", "counts_changelog")
-            },
-            "group_prefix": f"g{tag}",
-            "output_dir": str(tmp_path / f"out-{tag}"),
-            "model": {"name": model_path},
-            "producer": {"fps": 0},
-        }
-        tree["topics"]["counts_changelog"]["config"] = {"cleanup.policy": "compact"}
-        for dotted, value in overrides.items():
-            set_path(tree, dotted.split("__"), value)
-        return load_settings(None, overrides=tree, environ={})
+        return build_settings(kafka_bootstrap, tmp_path, model_path, **overrides)
 
     return make
 

@@ -1,18 +1,24 @@
 """Faults injected into real runs (real broker, real Ray, the shared model): zero frames lost,
-zero counted twice, the same crop corpus as an undisturbed run."""
+zero counted twice, the same crop corpus and table as an undisturbed run. One test per fault,
+all judged against one undisturbed run of the module."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bench.chaos import FAULTS, chaos
+from bench.chaos import FAULTS, chaos, failed_faults, run_fault, table_lines
 from cluster.broker import KafkaBroker
-from tests.conftest import private_broker
+from pipeline.config import Settings
+from tests.conftest import build_settings, private_broker
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
+
+FRAMES = 60
+REPLICAS = 2
 
 
 @pytest.fixture(scope="module")
@@ -22,31 +28,58 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker
         yield broker
 
 
+@pytest.fixture(scope="module")
+def chaos_settings(own_broker: KafkaBroker, tmp_path_factory: pytest.TempPathFactory, model_path: str) -> Settings:
+    return build_settings(
+        own_broker.bootstrap, tmp_path_factory.mktemp("chaos"), model_path, producer__fps=15, producer__max_frames=FRAMES
+    )
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_local: Any, chaos_settings: Settings, highway: str) -> tuple[dict[str, Any], set[Any]]:
+    """The reference run: its crop corpus and vehicle table are what every fault must reproduce."""
+    row, crops = run_fault(chaos_settings, highway, FRAMES, "none", REPLICAS)
+    assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == FRAMES, row
+    assert crops, "the undisturbed run wrote no crops"
+    return row, crops
+
+
 def _restart(broker: KafkaBroker) -> None:
     broker.stop()
     broker.start()
 
 
-def test_every_fault_loses_nothing_and_counts_nothing_twice(
-    ray_local, make_settings, own_broker: KafkaBroker, highway: str
+@pytest.mark.parametrize("fault", [f for f in FAULTS if f != "none"])
+def test_fault_loses_nothing_and_counts_nothing_twice(
+    fault: str, chaos_settings: Settings, undisturbed: tuple[dict[str, Any], set[Any]], own_broker: KafkaBroker, highway: str
 ) -> None:
-    s = make_settings(kafka__bootstrap_servers=own_broker.bootstrap, producer__fps=15)
-    result = chaos(s, highway, frames=60, faults=list(FAULTS), replicas=2, restart_broker=lambda: _restart(own_broker))
-    rows = {r["fault"]: r for r in result["rows"]}
-    assert list(rows) == list(FAULTS)
-    assert rows["none"]["crops_expected"] > 0
-    for fault, row in rows.items():
-        assert row["injected"], fault
-        assert row["frames_produced"] == 60, row
-        assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == 60, row
-        assert row["duplicates_on_c"] == 0, row  # exactly-once from A to C
-        assert row["crops_match"] and row["table_match"], row
-        if fault != "none":
-            assert row["recovery_s"] is not None, row
+    reference_row, reference_crops = undisturbed
+    row, crops = run_fault(chaos_settings, highway, FRAMES, fault, REPLICAS, restart_broker=lambda: _restart(own_broker))
+    assert row["injected"], row
+    assert row["frames_produced"] == FRAMES, row
+    assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == FRAMES, row
+    assert row["duplicates_on_c"] == 0, row  # exactly-once from A to C
+    assert crops == reference_crops, f"crops differ: {len(crops)} vs {len(reference_crops)}"
+    assert row["vehicle_totals"] == reference_row["vehicle_totals"], row
+    assert row["recovery_s"] is not None, row
 
 
 def test_at_least_once_loses_nothing_when_an_inter_consumer_dies(ray_local, make_settings, highway: str, tmp_path: Path) -> None:
+    """Also the whole `vapipe chaos` path: reference run, faults, table and verdict."""
     s = make_settings(processing_guarantee="at_least_once", producer__fps=15)
     result = chaos(s, highway, frames=45, faults=["kill-inter", "kill-count"], replicas=2)
+    assert [r["fault"] for r in result["rows"]] == ["none", "kill-inter", "kill-count"]
     for row in result["rows"]:
         assert row["lost"] == 0 and row["counted_twice"] == 0 and row["crops_match"] and row["table_match"], row
+    assert failed_faults(result) == [] and len(table_lines(result)) == 4
+
+
+def test_verdict_names_every_fault_that_lost_double_counted_or_changed_the_corpus() -> None:
+    ok = {"fault": "none", "lost": 0, "counted_twice": 0, "crops_match": True, "table_match": True}
+    rows = [
+        ok,
+        ok | {"fault": "a", "lost": 1},
+        ok | {"fault": "b", "counted_twice": 2},
+        ok | {"fault": "c", "crops_match": False},
+    ]
+    assert failed_faults({"rows": rows}) == ["a", "b", "c"]

@@ -19,7 +19,7 @@ from actors.stages import read_table
 from pipeline.config import Settings
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
-from tests.conftest import _missing
+from tests.conftest import ReferenceDetector, _missing
 from tests.integration.test_pipeline import (
     assert_detections_and_crops_match_reference,
     detections_on_c,
@@ -56,7 +56,9 @@ def run(
 
 
 @pytest.mark.parametrize("inter", [1, 3])
-def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_settings, highway: str, inter: int) -> None:
+def test_faust_end_to_end_every_frame_counted_once(
+    faust_installed, make_settings, reference_detector: ReferenceDetector, highway: str, inter: int
+) -> None:
     frames = 150
     # A window far longer than the clip's capture time: the time-windowed count then holds every frame.
     s = make_settings(producer__max_frames=frames, faust__window_s=600, faust__window_step_s=60, **AT_LEAST_ONCE)
@@ -72,7 +74,7 @@ def test_faust_end_to_end_every_frame_counted_once(faust_installed, make_setting
     assert set(summary.actors) >= {f"inter-{i}" for i in range(inter)}
     assert all(a.get("peak_rss_mb") for n, a in summary.actors.items() if not n.startswith("producer"))
 
-    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames)
+    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames, reference_detector)
     direct = direct_vehicle_count(got)
     assert summary.vehicles["hw"] == direct
     # The Faust table's changelog is the Ray engine's: the same snapshot format, readable by `vapipe counts`.

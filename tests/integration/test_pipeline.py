@@ -14,13 +14,13 @@ import pytest
 from actors.launcher import RunPlan
 from actors.ray.engine import run_pipeline
 from cluster.reading import read_all
-from pipeline.codecs import decode_detections, decode_frame, decode_jpeg
-from pipeline.config import ModelConfig, Settings
+from pipeline.codecs import decode_detections, decode_frame
+from pipeline.config import Settings
 from pipeline.crop import load_index
-from pipeline.detector import UltralyticsDetector
 from pipeline.messages import EndOfStream
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
+from tests.conftest import ReferenceDetector
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
 
@@ -39,9 +39,9 @@ def detections_on_c(settings: Settings, stream_id: str) -> dict[int, Any]:
     return out
 
 
-def reference_detections(settings: Settings, stream_id: str) -> dict[int, Any]:
+def reference_detections(settings: Settings, stream_id: str, reference: ReferenceDetector) -> dict[int, Any]:
     """The same model in one process over the JPEG bytes read back from topic A."""
-    detector = UltralyticsDetector(ModelConfig(name=settings.model.name))
+    assert reference.detector.config.name == settings.model.name
     out: dict[int, Any] = {}
     for record in read_topic(settings, settings.topics.frames.name):
         decoded = decode_frame(record.value, record.headers)
@@ -49,7 +49,7 @@ def reference_detections(settings: Settings, stream_id: str) -> dict[int, Any]:
             continue
         meta, jpeg = decoded
         if meta.stream_id == stream_id:
-            out[meta.frame_index] = detector.detect([decode_jpeg(jpeg)])[0]
+            out[meta.frame_index] = reference.detect(jpeg)
     return out
 
 
@@ -64,7 +64,9 @@ def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count
 
 
 @pytest.mark.parametrize("inter", [1, 3])
-def test_highway_end_to_end_every_frame_counted_once(ray_local, make_settings, highway: str, inter: int) -> None:
+def test_highway_end_to_end_every_frame_counted_once(
+    ray_local, make_settings, reference_detector: ReferenceDetector, highway: str, inter: int
+) -> None:
     frames = 150
     s = make_settings(producer__max_frames=frames)
     summary = run(s, [f"hw={highway}"], inter=inter, crop=2 if inter == 3 else 1, count=2 if inter == 3 else 1)
@@ -75,7 +77,7 @@ def test_highway_end_to_end_every_frame_counted_once(ray_local, make_settings, h
     assert summary.frames_processed["count"] == frames  # applied once each
     assert set(summary.actors) >= {f"inter-{i}" for i in range(inter)}
 
-    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames)
+    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames, reference_detector)
     assert summary.vehicles["hw"] == direct_vehicle_count(got)
 
 
@@ -93,7 +95,7 @@ def direct_vehicle_count(detections: dict[int, Any], labels: Any = VEHICLES) -> 
 
 
 def assert_detections_and_crops_match_reference(
-    s: Settings, stream_id: str, frames: int
+    s: Settings, stream_id: str, frames: int, reference: ReferenceDetector
 ) -> tuple[dict[int, Any], dict[str, Any]]:
     """Detections on C equal a one-process run of the model; crops are exactly C's boxes above 0.7.
 
@@ -110,7 +112,7 @@ def assert_detections_and_crops_match_reference(
 
     # Detections on C equal, frame by frame, the same model run in one process on A's JPEG bytes.
     got = detections_on_c(s, stream_id)
-    want = reference_detections(s, stream_id)
+    want = reference_detections(s, stream_id, reference)
     assert sorted(got) == sorted(want) == list(range(frames))
     for i in range(frames):
         assert got[i].labels == want[i].labels, f"frame {i}"

@@ -154,7 +154,7 @@ def test_held_gaps_stop_faust_committing_past_skipped_offsets_until_released() -
 
     from actors.faust.app import hold_faust_gaps
 
-    hold_faust_gaps()
+    hold_faust_gaps()  # a class-level patch: undone after the test by held_gaps
     tp = TP("c", 0)
     consumer = SimpleNamespace(
         _acked=defaultdict(list),
