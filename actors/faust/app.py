@@ -342,6 +342,9 @@ class FaustStage:
             topic_allow_declare=True,
             table_standby_replicas=cfg.standby_replicas,
             broker_commit_interval=cfg.commit_interval_s,
+            # The same group liveness as the Ray engine's consumers (Faust's own default is 60 s).
+            broker_session_timeout=settings.kafka.session_timeout_ms / 1000,
+            broker_heartbeat_interval=settings.kafka.heartbeat_interval_ms / 1000,
             producer_linger_ms=settings.kafka.linger_ms,
             producer_compression_type=None if settings.kafka.compression_type == "none" else settings.kafka.compression_type,
             producer_max_request_size=settings.kafka.max_message_bytes,

@@ -59,7 +59,7 @@ def run(
 def test_faust_end_to_end_every_frame_counted_once(
     faust_installed, make_settings, reference_detector: ReferenceDetector, highway: str, inter: int
 ) -> None:
-    frames = 150
+    frames = 90
     # A window far longer than the clip's capture time: the time-windowed count then holds every frame.
     s = make_settings(producer__max_frames=frames, faust__window_s=600, faust__window_step_s=60, **AT_LEAST_ONCE)
     replicas = 2 if inter == 3 else 1
@@ -105,7 +105,7 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
 
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
-    frames = 150
+    frames = 90
     s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE)
     killed: list[str] = []
 

@@ -67,7 +67,7 @@ def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count
 def test_highway_end_to_end_every_frame_counted_once(
     ray_local, make_settings, reference_detector: ReferenceDetector, highway: str, inter: int
 ) -> None:
-    frames = 150
+    frames = 90
     s = make_settings(producer__max_frames=frames)
     summary = run(s, [f"hw={highway}"], inter=inter, crop=2 if inter == 3 else 1, count=2 if inter == 3 else 1)
 

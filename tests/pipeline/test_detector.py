@@ -167,3 +167,28 @@ def test_real_model_batch_of_identical_images(yolo: UltralyticsDetector, street_
 def test_real_model_blank_image_finds_nothing(yolo: UltralyticsDetector) -> None:
     (found,) = yolo.detect([np.zeros((240, 320, 3), dtype=np.uint8)])
     assert found == Detections.empty()
+
+
+def test_synthetic_detector_finds_the_same_boxes_in_the_same_image_and_is_a_calibration_model() -> None:
+    from pipeline.detector import SyntheticDetector, is_calibration, synthetic_detections
+
+    detector = make_detector(ModelConfig(name="synthetic:0ms"))
+    assert isinstance(detector, SyntheticDetector) and detector.name == "synthetic:0ms" and is_calibration("synthetic:5ms")
+    image = gradient_image()
+    first, again = detector.detect([image, image.copy()])
+    assert len(first) == 16 and first.labels == again.labels
+    np.testing.assert_array_equal(first.confidence, again.confidence)
+    assert (first.confidence >= 0.3).all() and (first.confidence <= 0.99).all()
+    h, w = image.shape[:2]
+    assert (first.xyxy[:, 2] < w).all() and (first.xyxy[:, 3] < h).all()
+    assert synthetic_detections(image[:1, :1]) == Detections.empty()
+
+
+def test_synthetic_detections_spread_over_crop_and_count_thresholds_on_a_real_frame(highway: str) -> None:
+    from pipeline.detector import synthetic_detections
+    from pipeline.sources import VideoSource, parse_source
+
+    source = VideoSource(parse_source(highway), max_frames=5).open()
+    confidences = np.concatenate([synthetic_detections(f.image).confidence for f in source])
+    source.close()
+    assert (confidences > 0.7).any() and ((confidences > 0.5) & (confidences <= 0.7)).any() and (confidences <= 0.5).any()
