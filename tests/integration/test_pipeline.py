@@ -53,14 +53,14 @@ def reference_detections(settings: Settings, stream_id: str, reference: Referenc
     return out
 
 
-def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count: int = 1) -> RunSummary:
+def run(settings: Settings, sources: list[str], inter: int, crop: int = 1, count: int = 1, on_progress: Any = None) -> RunSummary:
     plan = RunPlan(
         sources=[parse_source(s) for s in sources],
         replicas={"inter": inter, "crop": crop, "count": count},
         include_dashboard=False,
         stall_timeout_s=240,
     )
-    return run_pipeline(settings, plan)
+    return run_pipeline(settings, plan, on_progress=on_progress)
 
 
 @pytest.mark.parametrize("inter", [1, 3])
@@ -125,8 +125,18 @@ def assert_detections_and_crops_match_reference(
 
 
 def test_two_streams_keep_their_counts_apart(ray_local, make_settings, highway: str, race: str) -> None:
+    from actors.ray.engine import actor_stats
+
     s = make_settings(producer__max_frames=20)
-    summary = run(s, [f"hw={highway}", f"race={race}"], inter=2)
+    seen: dict[str, Any] = {}
+
+    def status_mid_run(progress: Any) -> None:  # what `vapipe status` asks the cluster
+        if not seen:
+            seen.update(actor_stats("auto"))
+
+    summary = run(s, [f"hw={highway}", f"race={race}"], inter=2, on_progress=status_mid_run)
+    assert {"inter-0", "inter-1", "crop-0", "count-0", "producer-hw", "producer-race"} <= set(seen)
+    assert all(not isinstance(st, str) and st.name == name and st.node for name, st in seen.items())
     assert summary.per_stream["hw"]["counted"] == 20
     assert summary.per_stream["race"]["counted"] == 20
     for stream in ("hw", "race"):
