@@ -16,9 +16,9 @@ pytestmark = pytest.mark.kafka
 
 
 def test_server_properties_advertise_the_configured_host(tmp_path: Path) -> None:
-    cfg = BrokerConfig(listen_host="0.0.0.0", advertised_host="10.1.2.3", port=9092)
+    cfg = BrokerConfig(listen_host="0.0.0.0", advertised_host="198.18.1.3", port=9092)
     props = server_properties(cfg, tmp_path, 8 * 1024 * 1024)
-    assert "advertised.listeners=PLAINTEXT://10.1.2.3:9092" in props
+    assert "advertised.listeners=PLAINTEXT://198.18.1.3:9092" in props
     assert "listeners=PLAINTEXT://0.0.0.0:9092" in props
     assert "process.roles=broker,controller" in props
     assert "message.max.bytes=9437184" in props

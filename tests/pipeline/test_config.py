@@ -65,7 +65,7 @@ def test_vapipe_config_env_names_the_file(tmp_path: Path) -> None:
     [
         ({}, {}),
         ({"VAPIPE_INTER__REPLICAS": "3"}, {"inter": {"replicas": 3}}),
-        ({"VAPIPE_KAFKA__BOOTSTRAP_SERVERS": "10.0.0.5:9092"}, {"kafka": {"bootstrap_servers": "10.0.0.5:9092"}}),
+        ({"VAPIPE_KAFKA__BOOTSTRAP_SERVERS": "198.18.0.5:9092"}, {"kafka": {"bootstrap_servers": "198.18.0.5:9092"}}),
         ({"VAPIPE_PRODUCER__MAX_FRAMES": "null"}, {"producer": {"max_frames": None}}),
         ({"VAPIPE_SHARED": "/x", "VAPIPE_CONFIG": "/y.yaml", "PATH": "/bin"}, {}),
         ({"vapipe_inter__replicas": "3"}, {}),  # prefix is case-sensitive
@@ -102,7 +102,7 @@ def test_dotted_overrides(pairs: list[str], expected: dict[str, Any] | None, exc
     [
         ({"VAPIPE_INTER__REPLICAS": "3"}, "inter.replicas", 3),
         ({"VAPIPE_CROP__REPLICAS": "2"}, "crop.replicas", 2),
-        ({"VAPIPE_KAFKA__BOOTSTRAP_SERVERS": "10.0.0.5:9092"}, "kafka.bootstrap_servers", "10.0.0.5:9092"),
+        ({"VAPIPE_KAFKA__BOOTSTRAP_SERVERS": "198.18.0.5:9092"}, "kafka.bootstrap_servers", "198.18.0.5:9092"),
         ({"VAPIPE_TOPICS__FRAMES__PARTITIONS": "12"}, "topics.frames.partitions", 12),
     ],
 )

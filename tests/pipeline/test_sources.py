@@ -20,7 +20,7 @@ from tests.pipeline.helpers import DoesNotRaise, gradient_image
         ("videos/highway-320x240.avi", "videos/highway-320x240.avi", "highway-320x240", "file", 90, False),
         ("  clip.mp4  ", "clip.mp4", "clip", "file", 90, False),
         ("cam1=rtsp://x/y", "rtsp://x/y", "cam1", "url", 90, True),
-        ("rtsp://10.0.0.5:554/stream1", "rtsp://10.0.0.5:554/stream1", "10.0.0.5-554-stream1", "url", 90, False),
+        ("rtsp://198.18.0.5:554/stream1", "rtsp://198.18.0.5:554/stream1", "198.18.0.5-554-stream1", "url", 90, False),
         (
             "https://example.org/live.m3u8?token=a=b",
             "https://example.org/live.m3u8?token=a=b",
