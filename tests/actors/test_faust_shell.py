@@ -166,7 +166,7 @@ def test_a_worker_with_records_waiting_and_no_progress_exits_to_be_restarted(tmp
     import asyncio
     import time
 
-    from actors import faust_app
+    from actors.faust import app as faust_app
     from actors.faust.app import FaustStage
 
     s = Settings.model_validate({"output_dir": str(tmp_path), "processing_guarantee": "at_least_once", "faust": {"stuck_after_s": 30}})
