@@ -11,7 +11,9 @@ count is written twice; the topics and the message format are the Ray engine's.
 - The vehicle table is a Faust ``Table`` whose changelog *is* the Ray engine's
   compacted ``topics.counts_changelog`` (key = stream id, value = the counter's
   JSON snapshot), so ``vapipe counts`` and the run summary read both engines alike.
-  Faust recovers the table from that changelog on every partition assignment.
+  Faust recovers the table from that changelog on every partition assignment, up to
+  the last record a read_committed consumer receives (``actors.faust.recovery``: the
+  Ray engine's transactions end a partition with a marker, which Faust waited for).
 - The time-windowed moving count is a Faust hopping-window table (capture time),
   next to the frame-window moving count that the snapshot carries.
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.faust.recovery import read_committed, recover_to_last_record
 from actors.worker import StageWorker
 from actors.stages import CountWorker, CropWorker, InterWorker
 from pipeline.codecs import Record, decode_json
@@ -335,11 +338,13 @@ class FaustStage:
         )
         self._topics: dict[str, Any] = {}
         hold_faust_gaps()
+        read_committed()
         self.skips = SkippedRecords(settings, settings.group(stage), self.worker.input_topic)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         source = self.topic(self.worker.input_topic)
         if stage == "count":
             self._build_tables(faust)
+            recover_to_last_record(self.app, settings.kafka)
             self.app.agent(source, name=f"vapipe.{stage}")(self._count_agent)
         else:
             self.app.agent(source, name=f"vapipe.{stage}")(self._batch_agent)
