@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from actors.faust.recovery import read_committed, recover_to_last_record
+from actors.faust.recovery import read_committed, recover_to_last_record, recovery_waiting
 from actors.worker import StageWorker
 from actors.stages import CountWorker, CropWorker, InterWorker
 from pipeline.codecs import Record, decode_json
@@ -309,6 +309,9 @@ class FaustStage:
         self._positions: dict[int, int] = {}
         self._progress_at = time.monotonic()
         """When this worker last finished a batch, or last got partitions (for the stuck check)."""
+        self._assigned_at: float | None = None
+        self._revoked_at: float | None = None
+        """When the group last gave this worker partitions and last took them (a rebalance starting)."""
         cfg = settings.faust
         detections = settings.topics.detections
         datadir = Path(settings.output_dir).resolve() / "faust-data" / name
@@ -354,9 +357,11 @@ class FaustStage:
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         self.skips.forget()
+        self._revoked_at = time.monotonic()
 
     async def _on_assigned(self, app: Any, assigned: Any, **kwargs: Any) -> None:
         self._progress_at = time.monotonic()  # table recovery and the first fetch are not a stall
+        self._assigned_at = self._progress_at
 
     async def _restart_if_stuck(self) -> None:
         """End a worker that owns waiting records and has processed none for ``faust.stuck_after_s``.
@@ -569,12 +574,15 @@ class FaustStage:
             recovery = self.app.tables.recovery
             recovered = bool(getattr(recovery, "completed", None) and recovery.completed.is_set())
         self.worker.ready = bool(assigned) and not self.app.rebalancing and recovered
+        waiting, stuck = self._waiting(assigned, recovered)
         out = self.worker.stats() | {
             "engine": "faust",
             "pid": os.getpid(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "crashed": self.crashed,
             "skipped_read": self.skips.records_read,  # records Faust skipped, read back and processed
+            "waiting": waiting,  # why it is not ready, in one line
+            "stuck": stuck,  # set when it cannot become ready: the launcher stops waiting
         }
         out["running"] = self.crashed is None and not self.stopped
         if self.stage == "count":
@@ -582,6 +590,28 @@ class FaustStage:
             out["moving_window"] = {"size_s": self.settings.faust.window_s, "step_s": self.settings.faust.window_step_s,
                                     "current": self._windowed_view}
         return out
+
+    def _waiting(self, assigned: list[Any], recovered: bool) -> tuple[str | None, str | None]:
+        """Why this worker is not ready, and why it cannot become ready, if it knows.
+
+        It cannot when its table recovery has received nothing for ``faust.stuck_after_s``
+        since the group last settled (Faust waited for a transaction marker forever, issue 19).
+        A rebalance in progress is never stuck: it may wait on a member still loading its model.
+        """
+        if self.worker.ready:
+            return None, None
+        if not assigned:
+            return f"no partition of {self.worker.input_topic} assigned yet", None
+        if recovered:
+            return "rebalancing", None
+        state = recovery_waiting(self.app.tables.recovery)
+        if state is None:
+            return "table recovery starting", None
+        reason, idle_s = state
+        settled = self._assigned_at is not None and (self._revoked_at is None or self._revoked_at <= self._assigned_at)
+        if not settled or min(idle_s, time.monotonic() - (self._assigned_at or 0.0)) < self.settings.faust.stuck_after_s:
+            return reason, None
+        return reason, f"{reason}; gave up after faust.stuck_after_s={self.settings.faust.stuck_after_s:.0f}s"
 
     async def _write_stats(self) -> None:
         self._write_stats_now()

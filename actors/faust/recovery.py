@@ -1,4 +1,4 @@
-"""Faust table recovery on changelogs written with Kafka transactions.
+"""Faust table recovery on changelogs written with Kafka transactions, and why a recovery waits.
 
 The count table's changelog is shared with the Ray engine, whose default is exactly-once:
 its count actors write the changelog in Kafka transactions, and every transaction ends with
@@ -15,18 +15,21 @@ recovery would have applied the snapshots of transactions the Ray engine aborted
 - ``recover_to_last_record`` makes a recovery wait for the last record a read_committed
   consumer receives, found by reading the partition's tail.
 - ``read_committed`` makes Faust's consumer skip aborted records, as the Ray engine's does.
+- ``recovery_waiting`` says in one line which changelog partitions a recovery still waits
+  for, and how long it has received nothing, for the worker's stats and the launcher.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError, PipelineError
 
-__all__ = ["last_record_offsets", "recover_to_last_record", "read_committed"]
+__all__ = ["last_record_offsets", "recover_to_last_record", "read_committed", "recovery_waiting"]
 
 logger = logging.getLogger(__name__)
 
@@ -135,3 +138,24 @@ def read_committed() -> None:
 
     AIOKafkaConsumerThread._create_worker_consumer = create_read_committed  # type: ignore[method-assign]
 
+
+def recovery_waiting(recovery: Any, now: float | None = None) -> tuple[str, float] | None:
+    """What an unfinished table recovery waits for, in one line, and seconds since it last received a record.
+
+    None when no active changelog partition has records left to receive.
+
+    Example:
+        >>> recovery_waiting(app.tables.recovery)  # doctest: +SKIP
+        ('recovering the table: vapipe.counts-changelog[2] at offset 91, waiting for 92 (nothing received for 35s)', 35.2)
+    """
+    now = time.monotonic() if now is None else now
+    remaining = sorted(tp for tp, n in recovery.active_remaining().items() if n > 0)
+    if not remaining:
+        return None
+    started = getattr(recovery, "_recovery_started_at", None) or now
+    received = getattr(recovery, "_active_events_received_at", {})
+    last = max([started] + [received[tp] for tp in remaining if received.get(tp) is not None])
+    idle_s = max(now - last, 0.0)
+    where = ", ".join(f"{tp.topic}[{tp.partition}] at offset {recovery.active_offsets.get(tp)}, "
+                      f"waiting for {recovery.active_highwaters.get(tp)}" for tp in remaining)
+    return f"recovering the table: {where} (nothing received for {idle_s:.0f}s)", idle_s
