@@ -351,7 +351,8 @@ class FaustStage:
             self.app.agent(source, name=f"vapipe.{stage}")(self._count_agent)
         else:
             self.app.agent(source, name=f"vapipe.{stage}")(self._batch_agent)
-        self.app.timer(0.5)(self._write_stats)
+        self._stats_task: asyncio.Future[None] | None = None
+        self.app.timer(0.5)(self._write_stats)  # starts the writer if no assignment has yet
         self.app.timer(5.0)(self._restart_if_stuck)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
@@ -362,6 +363,7 @@ class FaustStage:
     async def _on_assigned(self, app: Any, assigned: Any, **kwargs: Any) -> None:
         self._progress_at = time.monotonic()  # table recovery and the first fetch are not a stall
         self._assigned_at = self._progress_at
+        self._start_stats()
 
     async def _restart_if_stuck(self) -> None:
         """End a worker that owns waiting records and has processed none for ``faust.stuck_after_s``.
@@ -614,7 +616,23 @@ class FaustStage:
         return reason, f"{reason}; gave up after faust.stuck_after_s={self.settings.faust.stuck_after_s:.0f}s"
 
     async def _write_stats(self) -> None:
-        self._write_stats_now()
+        self._start_stats()
+
+    def _start_stats(self) -> None:
+        """Write the stats every half second from now on, table recovery included.
+
+        Faust starts an app's timers only once its first table recovery has completed
+        (``App.on_started``), so a count worker whose recovery hung wrote no stats at all
+        and the launcher could only say "not ready: count-0" (issue 19). The writer starts
+        at the first partition assignment, which comes before recovery.
+        """
+        if self._stats_task is None:
+            self._stats_task = asyncio.ensure_future(self._stats_loop())
+
+    async def _stats_loop(self) -> None:
+        while not self.stopped:
+            self._write_stats_now()
+            await asyncio.sleep(0.5)
 
     def _write_stats_now(self) -> None:
         if self.stats_path is None:

@@ -144,6 +144,24 @@ def test_a_count_worker_whose_recovery_receives_nothing_says_it_cannot_become_re
     ]
 
 
+def test_a_count_worker_writes_its_stats_from_its_first_assignment_not_after_recovery(tmp_path) -> None:
+    """Faust starts app timers only after the first table recovery: stats must not wait for them."""
+    import json
+
+    from actors.faust.app import FaustStage
+
+    async def first_stats() -> dict[str, Any]:
+        s = Settings.model_validate({"output_dir": str(tmp_path), "processing_guarantee": "at_least_once"})
+        stage = FaustStage(s, "count", "count-0", stats_path=tmp_path / "count-0.json")
+        await stage._on_assigned(stage.app, set())
+        await asyncio.sleep(0.1)
+        stage.stopped = True
+        return dict(json.loads((tmp_path / "count-0.json").read_text()))
+
+    stats = asyncio.run(first_stats())
+    assert stats["ready"] is False and stats["waiting"] == f"no partition of {Settings().topics.detections.name} assigned yet"
+
+
 class _Workers:
     def __init__(self, stats: list[dict[str, Any]]) -> None:
         self.stats = stats
