@@ -246,6 +246,9 @@ def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
             raise PipelineError(f"stage workers not ready after {timeout_s:.0f}s: {waiting}")
         stats = {s.name: s for s in map(WorkerStats.from_dict, workers.poll()) if s.name in names}
         not_ready = sorted(n for n in names if n not in stats or not stats[n].ready)
+        stuck = [f"{n}: {stats[n].stuck}" for n in not_ready if n in stats and stats[n].stuck]
+        if stuck:  # a worker that knows it cannot become ready (Faust: a table recovery that stalled)
+            raise PipelineError(f"stage workers cannot become ready: {'; '.join(stuck)}")
         unowned = []
         for stage, spec in inputs.items():
             members = [s for s in stats.values() if s.stage == stage]
@@ -260,7 +263,8 @@ def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
                     started = time.monotonic()
         if not not_ready and not unowned:
             return
-        waiting = f"not ready: {', '.join(not_ready) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"
+        why = [f"{n} ({stats[n].waiting})" if n in stats and stats[n].waiting else n for n in not_ready]
+        waiting = f"not ready: {', '.join(why) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"
         time.sleep(0.5)
 
 

@@ -218,7 +218,9 @@ class FaustConfig(_Frozen):
     """A Faust worker process that dies is restarted this often (as Ray restarts an actor)."""
     stuck_after_s: float = Field(60.0, gt=0)
     """A Faust worker that owns records waiting and processes none for this long logs its tasks
-    and exits, to be restarted (Faust's own stream_processing_timeout only logs)."""
+    and exits, to be restarted (Faust's own stream_processing_timeout only logs); one that makes
+    no progress towards ready for this long (a table recovery receiving nothing) reports it cannot
+    become ready, and `vapipe run` stops waiting with its reason."""
 
 
 class Settings(_Frozen):

@@ -188,6 +188,10 @@ class WorkerStats:
     """Records Faust skipped after a rebalance, read back from Kafka and processed."""
     restarts: int = 0
     """Times the engine restarted this worker."""
+    waiting: str | None = None
+    """Why this worker is not ready yet (Faust: no partition, rebalancing, which changelog offsets recovery awaits)."""
+    stuck: str | None = None
+    """Why this worker cannot become ready (a table recovery that received nothing for ``faust.stuck_after_s``)."""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WorkerStats:

@@ -11,7 +11,9 @@ count is written twice; the topics and the message format are the Ray engine's.
 - The vehicle table is a Faust ``Table`` whose changelog *is* the Ray engine's
   compacted ``topics.counts_changelog`` (key = stream id, value = the counter's
   JSON snapshot), so ``vapipe counts`` and the run summary read both engines alike.
-  Faust recovers the table from that changelog on every partition assignment.
+  Faust recovers the table from that changelog on every partition assignment, up to
+  the last record a read_committed consumer receives (``actors.faust.recovery``: the
+  Ray engine's transactions end a partition with a marker, which Faust waited for).
 - The time-windowed moving count is a Faust hopping-window table (capture time),
   next to the frame-window moving count that the snapshot carries.
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.faust.recovery import read_committed, recover_to_last_record, recovery_waiting
 from actors.stages import WORKERS
 from pipeline.codecs import Record, decode_json
 from pipeline.config import Settings, TopicSpec
@@ -324,6 +327,9 @@ class FaustStage:
         self._positions: dict[int, int] = {}
         self._progress_at = time.monotonic()
         """When this worker last finished a batch, or last got partitions (for the stuck check)."""
+        self._assigned_at: float | None = None
+        self._revoked_at: float | None = None
+        """When the group last gave this worker partitions and last took them (a rebalance starting)."""
         cfg = settings.faust
         detections = settings.topics.detections
         datadir = Path(settings.output_dir).resolve() / "faust-data" / name
@@ -356,23 +362,29 @@ class FaustStage:
         )
         self._topics: dict[str, Any] = {}
         hold_faust_gaps()
+        read_committed()
         self.skips = SkippedRecords(settings, settings.group(stage), self.worker.input_topic)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         source = self.topic(self.worker.input_topic)
         if stage == "count":
             self._build_tables(faust)
+            recover_to_last_record(self.app, settings.kafka)
             self.app.agent(source, name=f"vapipe.{stage}")(self._count_agent)
         else:
             self.app.agent(source, name=f"vapipe.{stage}")(self._batch_agent)
-        self.app.timer(0.5)(self._write_stats)
+        self._stats_task: asyncio.Future[None] | None = None
+        self.app.timer(0.5)(self._write_stats)  # starts the writer if no assignment has yet
         self.app.timer(5.0)(self._restart_if_stuck)
         self.app.on_partitions_assigned.connect(self._on_assigned)
 
     async def _on_revoked(self, app: Any, revoked: Any, **kwargs: Any) -> None:
         self.skips.forget()
+        self._revoked_at = time.monotonic()
 
     async def _on_assigned(self, app: Any, assigned: Any, **kwargs: Any) -> None:
         self._progress_at = time.monotonic()  # table recovery and the first fetch are not a stall
+        self._assigned_at = self._progress_at
+        self._start_stats()
 
     async def _restart_if_stuck(self) -> None:
         """End a worker that owns waiting records and has processed none for ``faust.stuck_after_s``.
@@ -601,12 +613,15 @@ class FaustStage:
             recovery = self.app.tables.recovery
             recovered = bool(getattr(recovery, "completed", None) and recovery.completed.is_set())
         self.worker.ready = bool(assigned) and not self.app.rebalancing and recovered
+        waiting, stuck = self._waiting(assigned, recovered)
         out = self.worker.stats() | {
             "engine": "faust",
             "pid": os.getpid(),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "crashed": self.crashed,
             "skipped_read": self.skips.records_read,  # records Faust skipped, read back and processed
+            "waiting": waiting,  # why it is not ready, in one line
+            "stuck": stuck,  # set when it cannot become ready: the launcher stops waiting
         }
         out["running"] = self.crashed is None and not self.stopped
         if self.stage == "count":
@@ -617,8 +632,46 @@ class FaustStage:
             }
         return out
 
+    def _waiting(self, assigned: list[Any], recovered: bool) -> tuple[str | None, str | None]:
+        """Why this worker is not ready, and why it cannot become ready, if it knows.
+
+        It cannot when its table recovery has received nothing for ``faust.stuck_after_s``
+        since the group last settled (Faust waited for a transaction marker forever, issue 19).
+        A rebalance in progress is never stuck: it may wait on a member still loading its model.
+        """
+        if self.worker.ready:
+            return None, None
+        if not assigned:
+            return f"no partition of {self.worker.input_topic} assigned yet", None
+        if recovered:
+            return "rebalancing", None
+        state = recovery_waiting(self.app.tables.recovery)
+        if state is None:
+            return "table recovery starting", None
+        reason, idle_s = state
+        settled = self._assigned_at is not None and (self._revoked_at is None or self._revoked_at <= self._assigned_at)
+        if not settled or min(idle_s, time.monotonic() - (self._assigned_at or 0.0)) < self.settings.faust.stuck_after_s:
+            return reason, None
+        return reason, f"{reason}; gave up after faust.stuck_after_s={self.settings.faust.stuck_after_s:.0f}s"
+
     async def _write_stats(self) -> None:
-        self._write_stats_now()
+        self._start_stats()
+
+    def _start_stats(self) -> None:
+        """Write the stats every half second from now on, table recovery included.
+
+        Faust starts an app's timers only once its first table recovery has completed
+        (``App.on_started``), so a count worker whose recovery hung wrote no stats at all
+        and the launcher could only say "not ready: count-0" (issue 19). The writer starts
+        at the first partition assignment, which comes before recovery.
+        """
+        if self._stats_task is None:
+            self._stats_task = asyncio.ensure_future(self._stats_loop())
+
+    async def _stats_loop(self) -> None:
+        while not self.stopped:
+            self._write_stats_now()
+            await asyncio.sleep(0.5)
 
     def _write_stats_now(self) -> None:
         if self.stats_path is None:

@@ -41,7 +41,14 @@ def faust_installed() -> None:
 
 
 def run(
-    settings: Settings, engine: str, sources: list[str], inter: int = 1, crop: int = 1, count: int = 1, on_progress: Any = None
+    settings: Settings,
+    engine: str,
+    sources: list[str],
+    inter: int = 1,
+    crop: int = 1,
+    count: int = 1,
+    on_progress: Any = None,
+    stall_timeout_s: float = 240,
 ) -> RunSummary:
     from actors.engines import parse_engines
     from actors.engines import run as run_engines
@@ -50,7 +57,7 @@ def run(
         sources=[parse_source(s) for s in sources],
         replicas={"inter": inter, "crop": crop, "count": count},
         include_dashboard=False,
-        stall_timeout_s=240,
+        stall_timeout_s=stall_timeout_s,
     )
     return run_engines(settings, plan, parse_engines(engine), on_progress=on_progress)
 
@@ -102,6 +109,36 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
         assert got[key] == want[key], key
     assert mixed.vehicles == all_ray.vehicles == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
     assert mixed.crops_per_label == all_ray.crops_per_label
+
+
+def test_ray_and_faust_take_turns_on_one_table(faust_installed, ray_local, make_settings, highway: str) -> None:
+    """Issue 19: Faust after a Ray exactly-once run, Ray after Faust, then a mixed run, on the same topics and groups.
+
+    Ray's exactly-once transactions end every changelog partition they wrote with a commit
+    marker; Faust's table recovery waited for a record at that offset, forever. Each turn
+    counts its own stream, and every earlier stream's row must stay as it was.
+    """
+    frames = 24
+    exactly_once = make_settings(producer__max_frames=frames)  # one set of topics and groups for every turn
+    at_least_once = exactly_once.model_copy(update=AT_LEAST_ONCE)
+    turns = [
+        ("ray", exactly_once),
+        ("faust", at_least_once),
+        ("ray", exactly_once),
+        ("inter=ray,crop=faust,count=faust", at_least_once),
+    ]
+    want: dict[str, dict[str, int]] = {}
+    for i, (engine, s) in enumerate(turns):
+        stream = f"turn{i}"
+        summary = run(s, engine, [f"{stream}={highway}"], stall_timeout_s=150)
+
+        assert summary.per_stream[stream] == {"produced": frames, "skipped": 0, "counted": frames}, engine
+        want[stream] = direct_vehicle_count(detections_on_c(s, stream))
+        assert summary.vehicles[stream] == want[stream], engine
+        table = read_table(s)
+        for name, totals in want.items():  # this turn's stream counted once, the earlier ones untouched
+            row = table[name]
+            assert (row["totals"], row["frames_applied"], row["applied_above"]) == (totals, frames, []), (engine, name)
 
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
