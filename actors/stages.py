@@ -19,6 +19,7 @@ from actors.worker import StageWorker
 from cluster.clients import send_record
 from cluster.reading import read_all
 from pipeline.codecs import (
+    DecodeLimits,
     Record,
     decode_detected_frame,
     decode_detections,
@@ -66,7 +67,7 @@ class InterWorker(StageWorker):
         frames: list[tuple[FrameMeta, bytes, Any]] = []
         futures: list[Any] = []
         for record in records:
-            decoded = self.decode_or_skip(record, lambda r: self._decode(r))
+            decoded = self.decode_or_skip(record, self._decode)
             if decoded is None:
                 continue
             if isinstance(decoded, EndOfStream):
@@ -89,13 +90,12 @@ class InterWorker(StageWorker):
             self.counters["frames_out"] += len(frames)
         return futures
 
-    @staticmethod
-    def _decode(record: Any) -> tuple[FrameMeta, bytes, Any] | EndOfStream:
-        decoded = decode_frame(record.value, record.headers)
+    def _decode(self, record: Any) -> tuple[FrameMeta, bytes, Any] | EndOfStream:
+        decoded = decode_frame(record.value, record.headers, self.limits)
         if isinstance(decoded, EndOfStream):
             return decoded
         meta, jpeg = decoded
-        return meta, jpeg, decode_jpeg(jpeg)
+        return meta, jpeg, decode_jpeg(jpeg, self.limits, expect=(meta.width, meta.height))
 
     def extra_stats(self) -> dict[str, Any]:
         return {"model": getattr(self.detector, "name", None), "inference_s": round(self.inference_s, 3)}
@@ -117,7 +117,7 @@ class CropWorker(StageWorker):
 
     def process(self, records: list[Any]) -> list[Any]:
         for record in records:
-            decoded = self.decode_or_skip(record, lambda r: self._decode(r))
+            decoded = self.decode_or_skip(record, self._decode)
             if decoded is None:
                 continue
             result, image = decoded
@@ -128,13 +128,12 @@ class CropWorker(StageWorker):
             self.counters["frames_out"] += 1
         return []
 
-    @staticmethod
-    def _decode(record: Any) -> tuple[FrameDetections, Any] | None:
-        decoded = decode_detected_frame(record.value, record.headers)
+    def _decode(self, record: Any) -> tuple[FrameDetections, Any] | None:
+        decoded = decode_detected_frame(record.value, record.headers, self.limits)
         if isinstance(decoded, EndOfStream):
             return None  # end markers on B carry nothing to crop
         result, jpeg = decoded
-        return result, decode_jpeg(jpeg)
+        return result, decode_jpeg(jpeg, self.limits, expect=(result.meta.width, result.meta.height))
 
     def on_commit(self) -> None:
         self.crops_by_label.update(self._pending_crops)
@@ -150,13 +149,14 @@ class CropWorker(StageWorker):
 def read_table(settings: Any) -> dict[str, dict[str, Any]]:
     """The whole count table (every stream's last snapshot), read from the changelog topic."""
     table: dict[str, dict[str, Any]] = {}
+    limits = DecodeLimits(**settings.decoding.model_dump())
     for r in read_all(settings.kafka, settings.topics.counts_changelog.name):
-        key = r.key.decode() if r.key else ""
+        key = r.key.decode(errors="replace") if r.key else ""
         if r.value is None:
             table.pop(key, None)
             continue
         try:
-            table[key] = decode_json(r.value)
+            table[key] = decode_json(r.value, limits)
         except DecodeError as exc:
             logger.warning("ignoring a bad changelog record %s: %s", key, exc)
     return table
@@ -214,7 +214,7 @@ class CountWorker(StageWorker):
         futures: list[Any] = []
         now = time.time()
         for record in records:
-            item = self.decode_or_skip(record, lambda r: decode_detections(r.value))
+            item = self.decode_or_skip(record, lambda r: decode_detections(r.value, self.limits))
             if item is None:
                 continue
             if isinstance(item, EndOfStream):

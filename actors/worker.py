@@ -27,6 +27,7 @@ from actors.delivery import Delivery, batch_offsets, make_delivery
 from actors.failures import Backoff, DeadLetters, ErrorPolicy, default_on_error
 from actors.meter import StageMeter
 from cluster.clients import make_consumer
+from pipeline.codecs import DecodeLimits
 from pipeline.config import Settings
 from pipeline.errors import BrokerError, DecodeError, SinkError
 from pipeline.stats import WorkerStats
@@ -53,6 +54,8 @@ class StageWorker:
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery = make_delivery(settings.processing_guarantee, settings.kafka, name, self.transactional_id)
         self.dead_letters = DeadLetters(settings.topics.dead_letter.name, self.stage)
+        self.limits = DecodeLimits(**settings.decoding.model_dump())
+        """Bounds every decoder of this stage checks before parsing (``decoding`` settings)."""
         self.backoff = Backoff()
         self.meter = StageMeter()
         self._stop = threading.Event()

@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "CropConfig",
     "CountConfig",
+    "DecodeConfig",
     "RayConfig",
     "FaustConfig",
     "Settings",
@@ -193,6 +194,21 @@ class CountConfig(_Frozen):
         return v
 
 
+class DecodeConfig(_Frozen):
+    """Bounds every decoder checks before parsing a record, so no poison record can crash a stage or
+    exhaust its memory; a record beyond them is dead-lettered (``pipeline.codecs.DecodeLimits``)."""
+
+    max_json_bytes: int = Field(1024 * 1024, gt=0)
+    """Largest JSON document read: a topic C value, topic B's detections header, a changelog snapshot."""
+    max_json_depth: int = Field(32, gt=0)
+    """Deepest nesting of JSON arrays and objects (vapipe's own nest 3 deep); deeper is rejected unparsed."""
+    max_header_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    """Largest total size of one record's headers, the detections header included."""
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    """Largest width x height a frame may declare (headers and JPEG frame header) before it is decoded;
+    40 M pixels is above 8K. Frames must be JPEG: other formats are refused before decoding."""
+
+
 class RayConfig(_Frozen):
     address: str | None = None
     """None starts a local Ray; 'auto' or host:port joins a running cluster."""
@@ -232,6 +248,7 @@ class Settings(_Frozen):
     model: ModelConfig = ModelConfig()
     crops: CropConfig = CropConfig()
     counting: CountConfig = CountConfig()
+    decoding: DecodeConfig = DecodeConfig()
     ray: RayConfig = RayConfig()
     faust: FaustConfig = FaustConfig()
     output_dir: str = "output"
