@@ -34,7 +34,7 @@ from pipeline.counting import VehicleCounter
 from pipeline.crop import CropSink, crop_detections
 from pipeline.detector import Detector, make_detector
 from pipeline.errors import DecodeError
-from pipeline.messages import EndOfStream, FrameDetections, FrameMeta
+from pipeline.messages import EndOfStream, FrameDetections, FrameMeta, SkippedFrame
 from pipeline.stats import LatencyHistogram
 
 __all__ = ["InterWorker", "CropWorker", "CountWorker", "WORKERS", "read_table"]
@@ -178,7 +178,13 @@ class CountWorker(StageWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         c = self.settings.counting
-        self.counter = VehicleCounter(labels=c.labels, min_confidence=c.min_confidence, window_frames=c.window_frames)
+        self.counter = VehicleCounter(
+            labels=c.labels,
+            min_confidence=c.min_confidence,
+            window_frames=c.window_frames,
+            max_gaps=c.max_gaps,
+            reorder_horizon=c.reorder_horizon_frames,
+        )
         self.counters.update(duplicates=0, restores=0)
         self.latency = LatencyHistogram()
         """Capture to count applied, every frame this replica counted (bounded, mergeable)."""
@@ -204,7 +210,10 @@ class CountWorker(StageWorker):
 
     def restore(self) -> None:
         for stream_id, snapshot in read_table(self.settings).items():
-            self.counter.restore(stream_id, snapshot)
+            try:
+                self.counter.restore(stream_id, snapshot)
+            except DecodeError as exc:  # a bad snapshot must not stop the stage on every restart
+                logger.error("%s: ignoring the changelog snapshot of %r: %s", self.name, stream_id, exc)
         self.counters["restores"] += 1
 
     def process(self, records: list[Any]) -> list[Any]:
@@ -220,6 +229,11 @@ class CountWorker(StageWorker):
             if isinstance(item, EndOfStream):
                 self.counter.end_of_stream(item)
                 touched.add(item.stream_id)
+                continue
+            if isinstance(item, SkippedFrame):
+                if self.counter.skip(item):
+                    self.counters["skip_markers"] += 1
+                    touched.add(item.stream_id)
                 continue
             self.counters["frames_in"] += 1
             update = self.counter.update(item)

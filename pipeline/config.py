@@ -185,6 +185,14 @@ class CountConfig(_Frozen):
     labels: tuple[str, ...] = COCO_VEHICLES
     window_frames: int = Field(50, gt=0)
     """Moving count covers the last N frames of each stream."""
+    reorder_horizon_frames: int = Field(4096, gt=0)
+    """A missing frame index is given up (counted as skipped, reason ``lost_gap``) once this many
+    later frames of its stream are applied, so one frame that never comes cannot grow the table
+    forever; a frame that arrives later than that is not counted. Frames dead-lettered upstream
+    close their gap at once (reason ``poison`` or ``too_large``)."""
+    max_gaps: int = Field(256, gt=0)
+    """Most missing-frame gaps a stream's table holds open before giving up the oldest (``lost_gap``);
+    bounds the snapshot on the changelog (a few bytes per gap)."""
 
     @field_validator("labels")
     @classmethod
