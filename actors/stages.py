@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import MessageSizeTooLargeError
 
 from actors.worker import StageWorker
 from cluster.clients import send_record
@@ -29,12 +30,15 @@ from pipeline.codecs import (
     encode_detected_frame,
     encode_detections,
     encode_json,
+    encode_skipped,
+    frame_position,
+    record_size,
 )
 from pipeline.counting import VehicleCounter
 from pipeline.crop import CropSink, crop_detections
 from pipeline.detector import Detector, make_detector
-from pipeline.errors import DecodeError
-from pipeline.messages import EndOfStream, FrameDetections, FrameMeta, SkippedFrame
+from pipeline.errors import DecodeError, RecordTooLargeError
+from pipeline.messages import EndOfStream, FrameDetections, FrameMeta, SkippedFrame, SkipReason
 from pipeline.stats import LatencyHistogram
 
 __all__ = ["InterWorker", "CropWorker", "CountWorker", "WORKERS", "read_table"]
@@ -64,7 +68,7 @@ class InterWorker(StageWorker):
     def process(self, records: list[Any]) -> list[Any]:
         assert self.producer is not None and self.detector is not None
         topics = self.settings.topics
-        frames: list[tuple[FrameMeta, bytes, Any]] = []
+        frames: list[tuple[Any, tuple[FrameMeta, bytes, Any]]] = []
         futures: list[Any] = []
         for record in records:
             decoded = self.decode_or_skip(record, self._decode)
@@ -74,21 +78,52 @@ class InterWorker(StageWorker):
                 self.counters["end_of_streams"] += 1
                 futures.append(send_record(self.producer, topics.detections.name, encode_detections(decoded)))
                 continue
-            frames.append(decoded)
+            frames.append((record, decoded))
         if frames:
             t0 = time.perf_counter()
-            results = self.detector.detect([image for _, _, image in frames])
+            results = self.detector.detect([image for _, (_, _, image) in frames])
             elapsed = time.perf_counter() - t0
             self.inference_s += elapsed
             per_frame_ms = elapsed * 1000 / len(frames)
-            for (meta, jpeg, _), detections in zip(frames, results, strict=True):
+            limit = self.settings.kafka.max_message_bytes
+            for (record, (meta, jpeg, _)), detections in zip(frames, results, strict=True):
+                self.counters["frames_in"] += 1
                 result = FrameDetections(meta, detections, model=self.detector.name, inference_ms=per_frame_ms)
-                futures.append(send_record(self.producer, topics.detected_frames.name, encode_detected_frame(result, jpeg)))
+                detected = encode_detected_frame(result, jpeg)
+                size = record_size(detected)
+                if size > limit:  # would fail on every retry: a permanent failure of this record
+                    self.give_up(
+                        record,
+                        RecordTooLargeError(
+                            f"frame {meta.key} with {len(detections)} detections makes a {size}-byte record on "
+                            f"{topics.detected_frames.name}, above kafka.max_message_bytes={limit}"
+                        ),
+                    )
+                    continue
+                futures.append(send_record(self.producer, topics.detected_frames.name, detected))
                 futures.append(send_record(self.producer, topics.detections.name, encode_detections(result)))
                 self.counters["detections"] += len(detections)
-            self.counters["frames_in"] += len(frames)
-            self.counters["frames_out"] += len(frames)
+                self.counters["frames_out"] += 1
         return futures
+
+    def give_up(self, record: Any, exc: Exception) -> None:
+        """Dead-letter a record that failed permanently after decoding, if the error policy allows."""
+        if not self.on_error(exc, record):
+            raise exc
+        self.dead_letter(record, exc)
+
+    def dead_letter(self, record: Any, exc: Exception) -> None:
+        """Dead-letter the frame and, when its headers still say which it was, tell the count stage
+        (a skipped marker on C) that this frame index will never come, so its gap closes at once."""
+        super().dead_letter(record, exc)
+        position = frame_position(record.headers)
+        if position is None:
+            return
+        assert self.producer is not None
+        reason: SkipReason = "too_large" if isinstance(exc, RecordTooLargeError | MessageSizeTooLargeError) else "poison"
+        marker = encode_skipped(SkippedFrame(position[0], position[1], reason))
+        self.dead_letters.follow(send_record(self.producer, self.settings.topics.detections.name, marker))
+        self.counters["skip_markers"] += 1
 
     def _decode(self, record: Any) -> tuple[FrameMeta, bytes, Any] | EndOfStream:
         decoded = decode_frame(record.value, record.headers, self.limits)
