@@ -184,7 +184,12 @@ class CropWorker(StageWorker):
 def read_table(settings: Any) -> dict[str, dict[str, Any]]:
     """The whole count table (every stream's last snapshot), read from the changelog topic."""
     table: dict[str, dict[str, Any]] = {}
-    limits = DecodeLimits(**settings.decoding.model_dump())
+    # Snapshots are our own records: read any that fit a record, so the oversized ones an older
+    # vapipe wrote (a flat applied list, up to the record limit) still restore, into ranges.
+    decoding = settings.decoding.model_dump() | {
+        "max_json_bytes": max(settings.decoding.max_json_bytes, settings.kafka.max_message_bytes)
+    }
+    limits = DecodeLimits(**decoding)
     for r in read_all(settings.kafka, settings.topics.counts_changelog.name):
         key = r.key.decode(errors="replace") if r.key else ""
         if r.value is None:

@@ -63,6 +63,8 @@ class AppliedFrames:
     horizon: int = DEFAULT_REORDER_HORIZON
     held: int = field(default=0, compare=False)
     """How many applied indices are held above the watermark (derived from ``ranges``)."""
+    given_up: int = field(default=0, compare=False)
+    """Missing indices given up by this object since it was made (not part of a snapshot)."""
 
     def __post_init__(self) -> None:
         self.held = sum(end - start for start, end in self.ranges)
@@ -111,6 +113,7 @@ class AppliedFrames:
             lost += start - self.watermark
             self.held -= end - start
             self.watermark = end
+        self.given_up += lost
         return lost
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,7 +207,7 @@ class StreamCounts:
         """
         try:
             expected = data.get("frames_expected")
-            return cls(
+            state = cls(
                 totals=Counter({str(k): int(v) for k, v in data.get("totals", {}).items()}),
                 frames_applied=int(data.get("frames_applied", 0)),
                 max_frame=int(data.get("max_frame", -1)),
@@ -218,6 +221,9 @@ class StreamCounts:
             )
         except (AttributeError, TypeError, ValueError, OverflowError) as exc:
             raise DecodeError(f"invalid count snapshot: {exc!r}") from None
+        if state.applied.given_up:  # an older, unbounded snapshot: its oldest gaps are given up now
+            state.skipped["lost_gap"] += state.applied.given_up
+        return state
 
 
 @dataclass(frozen=True)

@@ -429,3 +429,12 @@ def test_applied_frames_bounds(
     applied = AppliedFrames(max_gaps=max_gaps, horizon=horizon)
     assert sum(applied.add(i) for i in added) == lost
     assert (applied.watermark, applied.ranges) == (watermark, ranges)
+
+
+def test_an_old_unbounded_snapshot_restores_bounded_with_its_lost_frame_counted() -> None:
+    counter = make_counter()
+    old = {"applied_watermark": 5, "applied_above": list(range(6, 20_000)), "frames_applied": 19_999, "frames_expected": 20_000}
+    counter.restore("cam1", old)
+    state = counter.streams["cam1"]
+    assert (state.applied.watermark, state.applied.ranges) == (20_000, [])
+    assert state.skipped == {"lost_gap": 1} and state.complete
