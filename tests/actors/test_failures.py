@@ -11,6 +11,7 @@ from kafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeToo
 
 from actors.delivery import Delivery, batch_offsets
 from actors.failures import Backoff, DeadLetters, classify, default_on_error
+from actors.stages import InterWorker
 from actors.worker import StageWorker
 from pipeline.config import KafkaConfig, Settings
 from pipeline.errors import BrokerError, DecodeError, RecordTooLargeError, SinkError
@@ -227,3 +228,53 @@ def test_a_transient_failure_while_isolating_stops_at_the_committed_offset() -> 
     assert stage.handle([record(5), record(6), record(7)]) is False
     assert stage.delivery.committed_batches == [[5], [6]]  # type: ignore[attr-defined]
     assert consumer.seeks == [7] and stage.counters["retries"] == 1
+
+
+# -- the InterConsumer's permanent failures, without a broker ---------------------------------------
+
+
+def test_inter_dead_letters_poison_and_oversized_frames_and_announces_their_gaps_on_c() -> None:
+    from pipeline.codecs import decode_detections, encode_frame, encode_jpeg
+    from pipeline.messages import FrameMeta, SkippedFrame
+    from tests.actors.test_stages import ManyBoxes
+    from tests.pipeline.helpers import gradient_image
+
+    settings = Settings().model_copy(update={"kafka": KafkaConfig(max_message_bytes=64 * 1024)})
+    inter = InterWorker(settings, "inter-0", detector=ManyBoxes(96, 2000))
+    inter.delivery.producer = RecordingProducer()  # type: ignore[assignment]
+
+    def a_record(offset: int, index: int, width: int, value: bytes | None = None, **forged: bytes) -> Any:
+        jpeg = encode_jpeg(gradient_image(48, width)) if value is None else value
+        rec = encode_frame(FrameMeta("s", index, 1.0, width, 48), jpeg)
+        headers = [(k, forged.get(k, v)) for k, v in rec.headers]
+        return SimpleNamespace(topic="A", partition=0, offset=offset, key=rec.key, value=jpeg, headers=headers)
+
+    records = [
+        a_record(0, 0, 64),
+        a_record(1, 1, 64, value=b"\x89PNG not a jpeg"),
+        a_record(2, 2, 96),  # 2000 boxes: B record above 64 KB
+        a_record(3, 3, 64, schema_version=b"9"),
+        SimpleNamespace(topic="A", partition=0, offset=4, key=b"k", value=b"x", headers=[]),
+    ]
+    inter.process(records)
+    sent = inter.delivery.producer.sent  # type: ignore[union-attr]
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for s in sent:
+        by_topic.setdefault(s["topic"], []).append(s)
+    topics = settings.topics
+    assert len(by_topic[topics.detected_frames.name]) == 1  # frame 0 only
+    assert [dict(s["headers"])["vapipe-dlq-error"] for s in by_topic[topics.dead_letter.name]] == [
+        b"DecodeError",
+        b"DecodeError",
+        b"DecodeError",
+        b"RecordTooLargeError",
+    ]
+    on_c = [decode_detections(s["value"]) for s in by_topic[topics.detections.name]]
+    assert [c for c in on_c if isinstance(c, SkippedFrame)] == [
+        SkippedFrame("s", 1, "poison"),
+        SkippedFrame("s", 3, "poison"),
+        SkippedFrame("s", 2, "too_large"),
+    ]
+    assert sum(1 for c in on_c if not isinstance(c, SkippedFrame)) == 1
+    assert inter.counters["dead_lettered"] == 4 and inter.counters["skip_markers"] == 3
+    assert inter.counters["frames_out"] == 1 and len(inter.dead_letters.take()) == 7  # 4 letters + 3 markers
