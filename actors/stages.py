@@ -108,6 +108,7 @@ class InterWorker(StageWorker):
 
     def give_up(self, record: Any, exc: Exception) -> None:
         """Dead-letter a record that failed permanently after decoding, if the error policy allows."""
+        self.counters["poison"] += 1
         if not self.on_error(exc, record):
             raise exc
         self.dead_letter(record, exc)

@@ -133,7 +133,7 @@ class WorkerStats:
     frames_out: int = 0
     """Frames fully handled: detected, cropped, or applied to the table (producers: frames published)."""
     poison: int = 0
-    """Records that did not decode."""
+    """Records that failed permanently: they did not decode, or an output of theirs is above the size limit."""
     dead_lettered: int = 0
     """Records sent to the dead-letter topic."""
     commit_failures: int = 0

@@ -255,7 +255,7 @@ def test_a_commit_that_timed_out_after_landing_does_not_run_the_batch_twice(make
             raise KafkaTimeoutError("commit acknowledgement timed out")  # ...but this replica never hears it
 
     worker.delivery.complete = lands_then_times_out  # type: ignore[method-assign]
-    stats = worker.run(idle_timeout_s=4, timeout_s=60)
+    stats = worker.run(idle_timeout_s=3, timeout_s=60)
     assert timed_out and stats["retries"] == 1
     on_c = Counter(
         item.meta.frame_index
