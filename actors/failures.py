@@ -1,39 +1,92 @@
-"""What a stage does when something goes wrong: dead letters for poison records, backoff for failed batches.
+"""What a stage does when something goes wrong: each failure is classified where it is decided.
 
-Two classes of failure, as Kafka Streams separates its deserialization and production
-exception handlers:
+Like Kafka Streams' deserialization and production exception handlers, one function,
+``classify``, says which of three kinds a failure is:
 
-- a record that cannot be decoded will never succeed: it goes to the dead-letter topic as it
-  came, with the reason and its origin in headers, and the stage moves on;
-- a batch whose outputs were not acknowledged (broker gone) or whose sink failed (disk full)
-  may succeed later: it is rewound and retried with capped exponential backoff.
+- ``permanent``: the record can never succeed, however often it is retried -- it does not decode
+  (``DecodeError``), or an output it causes is above the broker's size limit
+  (``RecordTooLargeError``, ``MessageSizeTooLargeError``). It goes to the dead-letter topic as it
+  came, with the reason and its origin in headers; its offset is committed and the stage moves on.
+  A frame dead-lettered by the InterConsumer is also announced on topic C as skipped, so the count
+  table does not wait for it.
+- ``transient``: the batch may succeed later -- the broker is gone or slow (any other
+  ``KafkaError``, timeouts), or a sink failed (``SinkError``: disk full). The batch is aborted,
+  rewound to the group's committed offsets and retried with capped, jittered exponential
+  backoff; ``retries`` and ``last_error`` show it in the worker's stats.
+- ``fatal``: the stage must stop -- a newer instance of this replica fenced it
+  (``ProducerFencedError``), or a bug (anything else).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from kafka import KafkaProducer
+from kafka.errors import (
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+    RecordListTooLargeError,
+    TransactionalIdAuthorizationFailedError,
+)
 
-from pipeline.errors import DecodeError
+from pipeline.errors import BrokerError, DecodeError, RecordTooLargeError, SinkError
 
-__all__ = ["ErrorPolicy", "default_on_error", "DeadLetters", "Backoff"]
+__all__ = ["FailureKind", "classify", "ErrorPolicy", "default_on_error", "DeadLetters", "Backoff"]
 
 logger = logging.getLogger(__name__)
+
+FailureKind = Literal["permanent", "transient", "fatal"]
+
+PERMANENT: tuple[type[BaseException], ...] = (
+    DecodeError,
+    RecordTooLargeError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+)
+"""Failures of one record that no retry can fix: dead-letter it, commit, move on."""
+
+FATAL: tuple[type[BaseException], ...] = (ProducerFencedError, TransactionalIdAuthorizationFailedError)
+"""Kafka errors after which this replica must stop (another instance owns its transactional id)."""
+
+TRANSIENT: tuple[type[BaseException], ...] = (KafkaError, SinkError, BrokerError, TimeoutError, ConnectionError)
+"""Failures of the batch's surroundings (broker, sink): abort, rewind, back off, retry."""
+
+
+def classify(exc: BaseException) -> FailureKind:
+    """Say whether a failure is ``permanent`` (dead-letter the record), ``transient`` (retry the
+    batch later) or ``fatal`` (stop the stage).
+
+    Example:
+        >>> classify(DecodeError("not JSON")), classify(SinkError("disk full")), classify(KeyError("bug"))
+        ('permanent', 'transient', 'fatal')
+    """
+    if isinstance(exc, PERMANENT):
+        return "permanent"
+    if isinstance(exc, FATAL):
+        return "fatal"
+    if isinstance(exc, TRANSIENT):
+        return "transient"
+    return "fatal"
+
 
 ErrorPolicy = Callable[[Exception, Any], bool]
 """on_error(exc, record) -> True to dead-letter the record and go on, False to stop the stage."""
 
 
+def where(record: Any) -> str:
+    return f"{record.topic}[{record.partition}]@{record.offset}" if record is not None else "batch"
+
+
 def default_on_error(exc: Exception, record: Any) -> bool:
-    """Dead-letter poison records; stop on anything else."""
-    where = f"{record.topic}[{record.partition}]@{record.offset}" if record is not None else "batch"
-    if isinstance(exc, DecodeError):
-        logger.warning("skipping poison record %s: %s", where, exc)
+    """Dead-letter records that failed permanently; stop on anything else."""
+    if classify(exc) == "permanent":
+        logger.warning("dead-lettering %s: %s", where(record), exc)
         return True
-    logger.error("stage failed on %s: %s", where, exc)
+    logger.error("stage failed on %s: %s", where(record), exc)
     return False
 
 
@@ -50,10 +103,15 @@ class DeadLetters:
         """Send the record as it came, plus why and where from."""
         headers = list(record.headers or []) + [
             ("vapipe-dlq-reason", str(exc).encode()[:1000]),
+            ("vapipe-dlq-error", type(exc).__name__.encode()),
             ("vapipe-dlq-stage", self.stage.encode()),
             ("vapipe-dlq-origin", f"{record.topic}/{record.partition}/{record.offset}".encode()),
         ]
         self.pending.append(producer.send(self.topic, key=record.key, value=record.value, headers=headers))
+
+    def follow(self, future: Any) -> None:
+        """A record sent because of a dead letter (a skipped-frame marker): acknowledged with the batch."""
+        self.pending.append(future)
 
     def take(self) -> list[Any]:
         out, self.pending = self.pending, []
@@ -61,16 +119,24 @@ class DeadLetters:
 
 
 class Backoff:
-    """Capped exponential backoff over consecutive failed batches: 1, 2, 4, ... ``max_s`` seconds."""
+    """Capped exponential backoff over consecutive failed batches: about 1, 2, 4, ... ``max_s`` seconds.
 
-    def __init__(self, max_s: float = 30.0) -> None:
+    ``jitter`` spreads each wait by up to that fraction either way, so replicas that failed together
+    (the broker went away) do not all come back in the same instant.
+    """
+
+    def __init__(self, max_s: float = 30.0, jitter: float = 0.0) -> None:
         self.max_s = max_s
+        self.jitter = jitter
         self.failures_in_a_row = 0
 
     def failed(self) -> float:
         """Record a failure; returns how long to wait before the retry."""
         self.failures_in_a_row += 1
-        return float(min(2 ** (self.failures_in_a_row - 1), self.max_s))
+        wait = float(min(2 ** (self.failures_in_a_row - 1), self.max_s))
+        if self.jitter:
+            wait *= 1 + random.uniform(-self.jitter, self.jitter)
+        return wait
 
     def succeeded(self) -> int:
         """Record a success; returns how many failures it ended (0 when there were none)."""

@@ -18,7 +18,17 @@ class StageMeter:
 
     def __init__(self) -> None:
         self.counters: dict[str, int] = dict.fromkeys(
-            ("records_in", "frames_in", "frames_out", "poison", "dead_lettered", "commit_failures", "retries"), 0
+            (
+                "records_in",
+                "frames_in",
+                "frames_out",
+                "poison",
+                "dead_lettered",
+                "skip_markers",
+                "commit_failures",
+                "retries",
+            ),
+            0,
         )
         self._rate: deque[tuple[float, int]] = deque(maxlen=30)
         self._lock = threading.Lock()

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import MessageSizeTooLargeError
 
 from actors.worker import StageWorker
 from cluster.clients import send_record
 from cluster.reading import read_all
 from pipeline.codecs import (
+    DecodeLimits,
     Record,
     decode_detected_frame,
     decode_detections,
@@ -28,12 +30,15 @@ from pipeline.codecs import (
     encode_detected_frame,
     encode_detections,
     encode_json,
+    encode_skipped,
+    frame_position,
+    record_size,
 )
 from pipeline.counting import VehicleCounter
 from pipeline.crop import CropSink, crop_detections
 from pipeline.detector import Detector, make_detector
-from pipeline.errors import DecodeError
-from pipeline.messages import EndOfStream, FrameDetections, FrameMeta
+from pipeline.errors import DecodeError, RecordTooLargeError
+from pipeline.messages import EndOfStream, FrameDetections, FrameMeta, SkippedFrame, SkipReason
 from pipeline.stats import LatencyHistogram
 
 __all__ = ["InterWorker", "CropWorker", "CountWorker", "WORKERS", "read_table"]
@@ -63,39 +68,70 @@ class InterWorker(StageWorker):
     def process(self, records: list[Any]) -> list[Any]:
         assert self.producer is not None and self.detector is not None
         topics = self.settings.topics
-        frames: list[tuple[FrameMeta, bytes, Any]] = []
+        frames: list[tuple[Any, tuple[FrameMeta, bytes, Any]]] = []
         futures: list[Any] = []
         for record in records:
-            decoded = self.decode_or_skip(record, lambda r: self._decode(r))
+            decoded = self.decode_or_skip(record, self._decode)
             if decoded is None:
                 continue
             if isinstance(decoded, EndOfStream):
                 self.counters["end_of_streams"] += 1
                 futures.append(send_record(self.producer, topics.detections.name, encode_detections(decoded)))
                 continue
-            frames.append(decoded)
+            frames.append((record, decoded))
         if frames:
             t0 = time.perf_counter()
-            results = self.detector.detect([image for _, _, image in frames])
+            results = self.detector.detect([image for _, (_, _, image) in frames])
             elapsed = time.perf_counter() - t0
             self.inference_s += elapsed
             per_frame_ms = elapsed * 1000 / len(frames)
-            for (meta, jpeg, _), detections in zip(frames, results, strict=True):
+            limit = self.settings.kafka.max_message_bytes
+            for (record, (meta, jpeg, _)), detections in zip(frames, results, strict=True):
+                self.counters["frames_in"] += 1
                 result = FrameDetections(meta, detections, model=self.detector.name, inference_ms=per_frame_ms)
-                futures.append(send_record(self.producer, topics.detected_frames.name, encode_detected_frame(result, jpeg)))
+                detected = encode_detected_frame(result, jpeg)
+                size = record_size(detected)
+                if size > limit:  # would fail on every retry: a permanent failure of this record
+                    self.give_up(
+                        record,
+                        RecordTooLargeError(
+                            f"frame {meta.key} with {len(detections)} detections makes a {size}-byte record on "
+                            f"{topics.detected_frames.name}, above kafka.max_message_bytes={limit}"
+                        ),
+                    )
+                    continue
+                futures.append(send_record(self.producer, topics.detected_frames.name, detected))
                 futures.append(send_record(self.producer, topics.detections.name, encode_detections(result)))
                 self.counters["detections"] += len(detections)
-            self.counters["frames_in"] += len(frames)
-            self.counters["frames_out"] += len(frames)
+                self.counters["frames_out"] += 1
         return futures
 
-    @staticmethod
-    def _decode(record: Any) -> tuple[FrameMeta, bytes, Any] | EndOfStream:
-        decoded = decode_frame(record.value, record.headers)
+    def give_up(self, record: Any, exc: Exception) -> None:
+        """Dead-letter a record that failed permanently after decoding, if the error policy allows."""
+        self.counters["poison"] += 1
+        if not self.on_error(exc, record):
+            raise exc
+        self.dead_letter(record, exc)
+
+    def dead_letter(self, record: Any, exc: Exception) -> None:
+        """Dead-letter the frame and, when its headers still say which it was, tell the count stage
+        (a skipped marker on C) that this frame index will never come, so its gap closes at once."""
+        super().dead_letter(record, exc)
+        position = frame_position(record.headers)
+        if position is None:
+            return
+        assert self.producer is not None
+        reason: SkipReason = "too_large" if isinstance(exc, RecordTooLargeError | MessageSizeTooLargeError) else "poison"
+        marker = encode_skipped(SkippedFrame(position[0], position[1], reason))
+        self.dead_letters.follow(send_record(self.producer, self.settings.topics.detections.name, marker))
+        self.counters["skip_markers"] += 1
+
+    def _decode(self, record: Any) -> tuple[FrameMeta, bytes, Any] | EndOfStream:
+        decoded = decode_frame(record.value, record.headers, self.limits)
         if isinstance(decoded, EndOfStream):
             return decoded
         meta, jpeg = decoded
-        return meta, jpeg, decode_jpeg(jpeg)
+        return meta, jpeg, decode_jpeg(jpeg, self.limits, expect=(meta.width, meta.height))
 
     def extra_stats(self) -> dict[str, Any]:
         return {"model": getattr(self.detector, "name", None), "inference_s": round(self.inference_s, 3)}
@@ -117,7 +153,7 @@ class CropWorker(StageWorker):
 
     def process(self, records: list[Any]) -> list[Any]:
         for record in records:
-            decoded = self.decode_or_skip(record, lambda r: self._decode(r))
+            decoded = self.decode_or_skip(record, self._decode)
             if decoded is None:
                 continue
             result, image = decoded
@@ -128,13 +164,12 @@ class CropWorker(StageWorker):
             self.counters["frames_out"] += 1
         return []
 
-    @staticmethod
-    def _decode(record: Any) -> tuple[FrameDetections, Any] | None:
-        decoded = decode_detected_frame(record.value, record.headers)
+    def _decode(self, record: Any) -> tuple[FrameDetections, Any] | None:
+        decoded = decode_detected_frame(record.value, record.headers, self.limits)
         if isinstance(decoded, EndOfStream):
             return None  # end markers on B carry nothing to crop
         result, jpeg = decoded
-        return result, decode_jpeg(jpeg)
+        return result, decode_jpeg(jpeg, self.limits, expect=(result.meta.width, result.meta.height))
 
     def on_commit(self) -> None:
         self.crops_by_label.update(self._pending_crops)
@@ -150,13 +185,19 @@ class CropWorker(StageWorker):
 def read_table(settings: Any) -> dict[str, dict[str, Any]]:
     """The whole count table (every stream's last snapshot), read from the changelog topic."""
     table: dict[str, dict[str, Any]] = {}
+    # Snapshots are our own records: read any that fit a record, so the oversized ones an older
+    # vapipe wrote (a flat applied list, up to the record limit) still restore, into ranges.
+    decoding = settings.decoding.model_dump() | {
+        "max_json_bytes": max(settings.decoding.max_json_bytes, settings.kafka.max_message_bytes)
+    }
+    limits = DecodeLimits(**decoding)
     for r in read_all(settings.kafka, settings.topics.counts_changelog.name):
-        key = r.key.decode() if r.key else ""
+        key = r.key.decode(errors="replace") if r.key else ""
         if r.value is None:
             table.pop(key, None)
             continue
         try:
-            table[key] = decode_json(r.value)
+            table[key] = decode_json(r.value, limits)
         except DecodeError as exc:
             logger.warning("ignoring a bad changelog record %s: %s", key, exc)
     return table
@@ -178,7 +219,13 @@ class CountWorker(StageWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         c = self.settings.counting
-        self.counter = VehicleCounter(labels=c.labels, min_confidence=c.min_confidence, window_frames=c.window_frames)
+        self.counter = VehicleCounter(
+            labels=c.labels,
+            min_confidence=c.min_confidence,
+            window_frames=c.window_frames,
+            max_gaps=c.max_gaps,
+            reorder_horizon=c.reorder_horizon_frames,
+        )
         self.counters.update(duplicates=0, restores=0)
         self.latency = LatencyHistogram()
         """Capture to count applied, every frame this replica counted (bounded, mergeable)."""
@@ -204,7 +251,10 @@ class CountWorker(StageWorker):
 
     def restore(self) -> None:
         for stream_id, snapshot in read_table(self.settings).items():
-            self.counter.restore(stream_id, snapshot)
+            try:
+                self.counter.restore(stream_id, snapshot)
+            except DecodeError as exc:  # a bad snapshot must not stop the stage on every restart
+                logger.error("%s: ignoring the changelog snapshot of %r: %s", self.name, stream_id, exc)
         self.counters["restores"] += 1
 
     def process(self, records: list[Any]) -> list[Any]:
@@ -214,12 +264,17 @@ class CountWorker(StageWorker):
         futures: list[Any] = []
         now = time.time()
         for record in records:
-            item = self.decode_or_skip(record, lambda r: decode_detections(r.value))
+            item = self.decode_or_skip(record, lambda r: decode_detections(r.value, self.limits))
             if item is None:
                 continue
             if isinstance(item, EndOfStream):
                 self.counter.end_of_stream(item)
                 touched.add(item.stream_id)
+                continue
+            if isinstance(item, SkippedFrame):
+                if self.counter.skip(item):
+                    self.counters["skip_markers"] += 1
+                    touched.add(item.stream_id)
                 continue
             self.counters["frames_in"] += 1
             update = self.counter.update(item)

@@ -4,12 +4,15 @@ The loop's jobs are split the way quix-streams splits its consumer, sink and che
 
 - ``StageWorker`` (here): lifecycle and the poll loop; subclasses implement ``process``;
 - ``actors.delivery``: outputs and input offsets made durable under the configured guarantee;
-- ``actors.failures``: dead letters for poison records, backoff for batches that failed;
+- ``actors.failures``: which failures are permanent, transient or fatal; dead letters; backoff;
 - ``actors.meter``: counters, rate and position for ``stats``.
 
 A batch whose outputs were not acknowledged (broker gone) or whose sink failed (disk full)
-is not committed: the worker rewinds to the batch's first offsets, backs off, reports
-the problem in its stats, and retries until it succeeds.
+is not committed: the worker rewinds to the group's committed offsets (not the batch's first
+offsets: a commit that timed out may have landed), backs off, reports the problem in its
+stats, and retries until it succeeds. A record that can never succeed (it does not decode, or
+its output is above the broker's size limit) is dead-lettered and committed, and the stage
+moves on.
 """
 
 from __future__ import annotations
@@ -21,19 +24,22 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, ProducerFencedError
 
 from actors.delivery import Delivery, batch_offsets, make_delivery
-from actors.failures import Backoff, DeadLetters, ErrorPolicy, default_on_error
+from actors.failures import Backoff, DeadLetters, ErrorPolicy, classify, default_on_error
 from actors.meter import StageMeter
 from cluster.clients import make_consumer
+from pipeline.codecs import DecodeLimits
 from pipeline.config import Settings
-from pipeline.errors import BrokerError, DecodeError, SinkError
+from pipeline.errors import DecodeError
 from pipeline.stats import WorkerStats
 
 __all__ = ["StageWorker", "ErrorPolicy"]
 
 logger = logging.getLogger(__name__)
+
+COMMITTED_TIMEOUT_MS = 10000
+"""How long a rewind waits for the group's committed offsets before trying again later."""
 
 
 class StageWorker:
@@ -53,11 +59,15 @@ class StageWorker:
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery = make_delivery(settings.processing_guarantee, settings.kafka, name, self.transactional_id)
         self.dead_letters = DeadLetters(settings.topics.dead_letter.name, self.stage)
-        self.backoff = Backoff()
+        self.limits = DecodeLimits(**settings.decoding.model_dump())
+        """Bounds every decoder of this stage checks before parsing (``decoding`` settings)."""
+        self.backoff = Backoff(jitter=0.2)
         self.meter = StageMeter()
         self._stop = threading.Event()
         self._rejoin = threading.Event()
         self._needs_rewind_hook = False
+        self._rewind_pending: dict[TopicPartition, int] = {}
+        """Partitions of a failed batch (and its first offsets) still to be sought back to their committed offsets."""
         self.running = False
         self.ready = False
         """True once the clients exist, the model is loaded and the first poll joined the group."""
@@ -178,6 +188,9 @@ class StageWorker:
                     break
                 if idle_timeout_s is not None and time.monotonic() - last_record >= idle_timeout_s:
                     break
+                if not self._settle_position():
+                    self._stop.wait(self.backoff.failed())
+                    continue
                 if self._rejoin.is_set():
                     self._rejoin.clear()
                     self.consumer.unsubscribe()
@@ -201,12 +214,15 @@ class StageWorker:
             self.close()
         return self.stats()
 
-    def handle(self, records: list[Any]) -> None:
+    def handle(self, records: list[Any]) -> bool:
         """Process one polled batch, then make its outputs and offsets durable (one transaction
-        under exactly_once).
+        under exactly_once). Returns whether the batch is durable.
 
-        On a broker or sink failure nothing is committed (the transaction is aborted):
-        rewind, back off, retry later.
+        A failure is classified (``actors.failures.classify``) and nothing of the batch is
+        committed (the transaction is aborted). Transient (broker, sink): rewind to the group's
+        committed offsets, back off, retry later. Permanent (a record that can never succeed):
+        the records are handled again one by one, each in its own transaction, so the one that
+        fails is dead-lettered and committed and the others go through. Fatal: raise.
         """
         assert self.consumer is not None
         counters_before = dict(self.counters)
@@ -217,14 +233,18 @@ class StageWorker:
             self.delivery.begin()
             futures = self.process(records) + self.dead_letters.take()
             self.delivery.complete(self.consumer, records, futures)
-        except ProducerFencedError:
-            raise  # a newer instance of this replica owns the transactional id: this one is a zombie
-        except (KafkaError, SinkError, BrokerError) as exc:
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == "fatal":
+                raise  # a zombie (fenced by a newer instance of this replica) or a bug
             self.dead_letters.take()
             self.meter.rollback(counters_before)  # the batch will be counted when it succeeds
             self.delivery.abort()
+            self._needs_rewind_hook = True  # in-memory effects of the failed batch are undone first
+            if kind == "permanent":
+                return self._isolate(records, exc)
             self._retry_later(records, exc)
-            return
+            return False
         ended = self.backoff.succeeded()
         if ended:
             logger.warning("%s: recovered after %d failed attempts", self.name, ended)
@@ -232,6 +252,33 @@ class StageWorker:
         self.counters["commit_failures"] = self.delivery.commit_failures
         self.batch_done(records)
         self._measure_lag()
+        return True
+
+    def _isolate(self, records: list[Any], exc: Exception) -> bool:
+        """A record of the batch failed permanently: find it by handling the records one at a time."""
+        if len(records) > 1:
+            logger.warning("%s: a record of this batch can never succeed (%s); handling them one by one", self.name, exc)
+            # all() stops at the first record that failed transiently: it rewound to the committed offsets
+            return all(self.handle([record]) for record in records)
+        (record,) = records
+        if not self.on_error(exc, record):
+            raise exc
+        before = dict(self.counters)
+        self.counters["poison"] += 1
+        try:
+            self.delivery.begin()
+            self.dead_letter(record, exc)
+            self.delivery.complete(self.consumer, records, self.dead_letters.take())
+        except Exception as again:
+            if classify(again) != "transient":
+                raise
+            self.dead_letters.take()
+            self.meter.rollback(before)
+            self.delivery.abort()
+            self._retry_later(records, again)
+            return False
+        self.batch_done(records)
+        return True
 
     def batch_done(self, records: list[Any]) -> None:
         """The batch and its outputs are durable: publish its effects to stats.
@@ -255,21 +302,59 @@ class StageWorker:
         self.last_error = f"{type(exc).__name__}: {exc}"
         wait_s = self.backoff.failed()
         logger.warning("%s: batch not committed (%s); retrying in %.0fs", self.name, self.last_error, wait_s)
-        self.rewind(records)
-        self._needs_rewind_hook = True
+        self._rewind_pending = self._batch_starts(records)
+        self._settle_position()
         self._stop.wait(wait_s)
 
-    def rewind(self, records: list[Any]) -> None:
-        """Seek back to the first offset of each partition in the batch, so it is polled again."""
-        assert self.consumer is not None
+    def _settle_position(self) -> bool:
+        """Finish a pending rewind; returns False while the committed offsets cannot be read."""
+        if not self._rewind_pending:
+            return True
+        try:
+            self.rewind_to(self._rewind_pending)
+        except Exception as exc:  # broker still gone: polling now would skip the failed batch
+            if classify(exc) == "fatal":
+                raise
+            self.last_error = f"{type(exc).__name__}: {exc} (reading committed offsets)"
+            logger.warning("%s: cannot read the committed offsets yet: %s", self.name, exc)
+            return False
+        self._rewind_pending = {}
+        return True
+
+    @staticmethod
+    def _batch_starts(records: list[Any]) -> dict[TopicPartition, int]:
         first: dict[TopicPartition, int] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)
             first[tp] = min(first.get(tp, r.offset), r.offset)
+        return first
+
+    def rewind(self, records: list[Any]) -> None:
+        """Seek each partition of the batch back to the group's committed offset, so whatever was not
+        committed is polled again.
+
+        Not to the batch's first offset: after a commit (or abort) that timed out, the commit may
+        have landed on the broker all the same, and the batch would then run twice.
+        """
+        self.rewind_to(self._batch_starts(records))
+
+    def rewind_to(self, starts: dict[TopicPartition, int]) -> None:
+        """Seek to the committed offset of each partition in ``starts`` still owned; ``starts`` (the
+        failed batch's first offsets) only where the group has committed nothing yet.
+
+        Raises:
+            KafkaError: the committed offsets could not be read (nothing was moved).
+        """
+        assert self.consumer is not None
         owned = self.consumer.assignment()
-        for tp, offset in first.items():
-            if tp in owned:  # a partition lost to a rebalance is redelivered to its new owner anyway
-                self.consumer.seek(tp, offset)
+        targets: dict[TopicPartition, int] = {}
+        for tp, first in starts.items():
+            if tp not in owned:  # a partition lost to a rebalance is redelivered to its new owner anyway
+                continue
+            committed = self.consumer.committed(tp, timeout_ms=COMMITTED_TIMEOUT_MS)
+            targets[tp] = first if committed is None else committed
+        for tp, offset in targets.items():
+            self.consumer.seek(tp, offset)
 
     offsets = staticmethod(batch_offsets)
 

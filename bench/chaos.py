@@ -36,7 +36,7 @@ from pipeline.codecs import decode_detections, decode_json
 from pipeline.config import Settings
 from pipeline.crop import load_index
 from pipeline.errors import DecodeError, PipelineError
-from pipeline.messages import EndOfStream
+from pipeline.messages import FrameDetections
 from pipeline.sources import parse_source
 from pipeline.stats import STAGES
 
@@ -142,7 +142,7 @@ def verify(settings: Settings, stream_id: str, produced: int) -> dict[str, Any]:
             item = decode_detections(r.value)
         except DecodeError:
             continue
-        if not isinstance(item, EndOfStream) and item.meta.stream_id == stream_id:
+        if isinstance(item, FrameDetections) and item.meta.stream_id == stream_id:
             on_c[item.meta.frame_index] += 1
     return {
         "frames_produced": produced,

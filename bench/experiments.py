@@ -30,7 +30,7 @@ from cluster.topics import delete_topics
 from pipeline.codecs import decode_detections
 from pipeline.config import Settings
 from pipeline.detector import UltralyticsDetector
-from pipeline.messages import Detections, EndOfStream
+from pipeline.messages import Detections, FrameDetections
 from pipeline.sources import VideoSource, parse_source
 from pipeline.stats import STAGES
 
@@ -286,7 +286,7 @@ def _detections_by_frame(settings: Settings) -> dict[int, Detections]:
     out: dict[int, Detections] = {}
     for record in read_all(settings.kafka, settings.topics.detections.name):
         item = decode_detections(record.value)
-        if not isinstance(item, EndOfStream):
+        if isinstance(item, FrameDetections):
             out[item.meta.frame_index] = item.detections
     return out
 

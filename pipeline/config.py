@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "CropConfig",
     "CountConfig",
+    "DecodeConfig",
     "RayConfig",
     "FaustConfig",
     "Settings",
@@ -184,6 +185,14 @@ class CountConfig(_Frozen):
     labels: tuple[str, ...] = COCO_VEHICLES
     window_frames: int = Field(50, gt=0)
     """Moving count covers the last N frames of each stream."""
+    reorder_horizon_frames: int = Field(4096, gt=0)
+    """A missing frame index is given up (counted as skipped, reason ``lost_gap``) once this many
+    later frames of its stream are applied, so one frame that never comes cannot grow the table
+    forever; a frame that arrives later than that is not counted. Frames dead-lettered upstream
+    close their gap at once (reason ``poison`` or ``too_large``)."""
+    max_gaps: int = Field(256, gt=0)
+    """Most missing-frame gaps a stream's table holds open before giving up the oldest (``lost_gap``);
+    bounds the snapshot on the changelog (a few bytes per gap)."""
 
     @field_validator("labels")
     @classmethod
@@ -191,6 +200,21 @@ class CountConfig(_Frozen):
         if not v:
             raise ValueError("at least one label to count")
         return v
+
+
+class DecodeConfig(_Frozen):
+    """Bounds every decoder checks before parsing a record, so no poison record can crash a stage or
+    exhaust its memory; a record beyond them is dead-lettered (``pipeline.codecs.DecodeLimits``)."""
+
+    max_json_bytes: int = Field(1024 * 1024, gt=0)
+    """Largest JSON document read: a topic C value, topic B's detections header, a changelog snapshot."""
+    max_json_depth: int = Field(32, gt=0)
+    """Deepest nesting of JSON arrays and objects (vapipe's own nest 3 deep); deeper is rejected unparsed."""
+    max_header_bytes: int = Field(2 * 1024 * 1024, gt=0)
+    """Largest total size of one record's headers, the detections header included."""
+    max_image_pixels: int = Field(40_000_000, gt=0)
+    """Largest width x height a frame may declare (headers and JPEG frame header) before it is decoded;
+    40 M pixels is above 8K. Frames must be JPEG: other formats are refused before decoding."""
 
 
 class RayConfig(_Frozen):
@@ -234,6 +258,7 @@ class Settings(_Frozen):
     model: ModelConfig = ModelConfig()
     crops: CropConfig = CropConfig()
     counting: CountConfig = CountConfig()
+    decoding: DecodeConfig = DecodeConfig()
     ray: RayConfig = RayConfig()
     faust: FaustConfig = FaustConfig()
     output_dir: str = "output"

@@ -95,6 +95,20 @@ def _describe_os_error(exc: OSError, path: Path) -> str:
     return f"cannot write {path}: {exc.strerror or exc}"
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise SinkError(_describe_os_error(exc, folder)) from exc
+    finally:
+        os.close(fd)
+
+
 class CropSink:
     """Writes crops under ``<root>/<label>/<key>.jpg`` and records them in an index.
 
@@ -117,17 +131,32 @@ class CropSink:
             raise SinkError(f"refusing to write outside {self.root}: {path}")
         return path
 
+    def _temp(self, path: Path) -> Path:
+        """A temp name no other writer uses: two replicas writing the same crop (a redelivery after a
+        rebalance) must not write into, or rename, each other's half-written file."""
+        return path.with_name(f".{path.name}.{self.writer}-{os.getpid()}.tmp")
+
     def write(self, meta: FrameMeta, crops: Iterable[Crop]) -> list[dict[str, Any]]:
-        """Write one frame's crops atomically (temp file + rename) and index them."""
+        """Write one frame's crops atomically and durably, then index them.
+
+        Each crop goes to a temp file that is fsynced, then renamed into place; the folders of
+        renamed files are fsynced too, all before the index lines that name them are written, so
+        after a crash the index never names a crop that is not on disk.
+        """
         entries: list[dict[str, Any]] = []
+        folders: set[Path] = set()
         for crop in crops:
             key = crop_key(meta, crop.box_index)
             path = self._target(crop.label, key)
-            tmp = path.with_name(f".{path.name}.tmp")
+            tmp = self._temp(path)
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_bytes(encode_jpeg(crop.image, self.jpeg_quality))
+                with open(tmp, "wb") as fh:
+                    fh.write(encode_jpeg(crop.image, self.jpeg_quality))
+                    fh.flush()
+                    os.fsync(fh.fileno())
                 os.replace(tmp, path)
+                folders.add(path.parent)
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
@@ -144,6 +173,8 @@ class CropSink:
                     "confidence": crop.confidence,
                 }
             )
+        for folder in sorted(folders):
+            _fsync_dir(folder)
         if entries:
             self._append_index(entries)
         return entries

@@ -7,6 +7,7 @@ __all__ = [
     "ConfigError",
     "SourceError",
     "DecodeError",
+    "RecordTooLargeError",
     "ModelError",
     "BrokerError",
     "TopicError",
@@ -28,6 +29,10 @@ class SourceError(PipelineError):
 
 class DecodeError(PipelineError):
     """A Kafka record is not a valid vapipe message (poison message)."""
+
+
+class RecordTooLargeError(PipelineError):
+    """An output record would exceed the broker's message size limit, however often it is retried."""
 
 
 class ModelError(PipelineError):

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["SCHEMA_VERSION", "FrameMeta", "Detections", "FrameDetections", "EndOfStream"]
+__all__ = ["SCHEMA_VERSION", "FrameMeta", "Detections", "FrameDetections", "EndOfStream", "SkippedFrame", "SkipReason"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,28 @@ class EndOfStream:
     frames_published: int
     frames_skipped: int = 0
     schema_version: int = SCHEMA_VERSION
+
+
+SkipReason = Literal["poison", "too_large", "lost_gap"]
+"""Why a frame index will never be counted: its record was dead-lettered because it could not be
+decoded (``poison``) or its output would not fit a record (``too_large``), or the count table gave up
+waiting for it (``lost_gap``: more frames above it applied than the reorder horizon)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFrame:
+    """A frame that will never reach the count stage, so its index must not hold the table open."""
+
+    stream_id: str
+    frame_index: int
+    reason: SkipReason
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if not self.stream_id:
+            raise ValueError("stream_id must not be empty")
+        if self.frame_index < 0:
+            raise ValueError(f"frame_index must be >= 0, got {self.frame_index}")
 
 
 @dataclass(frozen=True)

@@ -133,7 +133,7 @@ class WorkerStats:
     frames_out: int = 0
     """Frames fully handled: detected, cropped, or applied to the table (producers: frames published)."""
     poison: int = 0
-    """Records that did not decode."""
+    """Records that failed permanently: they did not decode, or an output of theirs is above the size limit."""
     dead_lettered: int = 0
     """Records sent to the dead-letter topic."""
     commit_failures: int = 0
@@ -147,6 +147,9 @@ class WorkerStats:
     uptime_s: float = 0.0
     last_error: str | None = None
     """The last failure, cleared when a retry succeeds."""
+    skip_markers: int = 0
+    """Frames that will never be counted: markers sent to topic C by inter for frames it dead-lettered,
+    or markers applied by count (each closes a gap in the table at once)."""
     # inter
     detections: int = 0
     end_of_streams: int = 0

@@ -139,3 +139,128 @@ def test_producer_spreads_a_stream_over_every_partition_of_a_new_topic(make_sett
         per_partition[r.partition] = per_partition.get(r.partition, 0) + 1
     assert sorted(per_partition) == list(range(s.topics.frames.partitions))
     assert {n for p, n in per_partition.items() if p != 0} == {5}  # 30 frames round-robin; EOS on 0
+
+
+class ManyBoxes:
+    """Finds nothing, except ``boxes`` boxes in frames ``size`` wide: a frame whose B record is too large."""
+
+    name = "many-boxes"
+
+    def __init__(self, width: int, boxes: int) -> None:
+        self.width, self.boxes = width, boxes
+
+    def detect(self, images: list) -> list:
+        import numpy as np
+
+        from pipeline.messages import Detections
+
+        out = []
+        for image in images:
+            n = self.boxes if image.shape[1] == self.width else 0
+            out.append(
+                Detections(
+                    xyxy=np.tile(np.asarray([[1.5, 2.5, 30.5, 40.5]], np.float32), (n, 1)),
+                    confidence=np.full(n, 0.875, np.float32),
+                    class_id=np.full(n, 2, np.int64),
+                    labels=("car",) * n,
+                )
+            )
+        return out
+
+
+def test_every_poison_record_is_dead_lettered_once_and_the_stream_still_completes(make_settings) -> None:
+    import json
+
+    import numpy as np
+
+    from pipeline.codecs import encode_end_of_stream, encode_frame, encode_jpeg
+    from pipeline.messages import EndOfStream, FrameMeta
+    from tests.pipeline.helpers import gradient_image
+    from tests.pipeline.test_codecs import jpeg_declaring, png_bomb
+
+    s = make_settings(kafka__max_message_bytes=256 * 1024)
+    create_topics(s.kafka, s.topics.all())
+    good = encode_jpeg(gradient_image(48, 64))
+    noise = encode_jpeg(np.random.default_rng(5).integers(0, 256, (240, 320, 3), dtype=np.uint8), 95)
+    assert 50_000 < len(noise) < 200_000  # fits A, but not with 3000 boxes in B's detections header
+
+    def frame(index: int, value: bytes, width: int = 64, height: int = 48, **forged: bytes) -> tuple:
+        rec = encode_frame(FrameMeta("hw", index, 1000.0 + index, width, height), value)
+        headers = [(k, forged.get(k, v)) for k, v in rec.headers]
+        return rec.key, value, headers
+
+    a_records = [
+        frame(0, good),
+        frame(1, png_bomb(), 20000, 20000),  # a decompression bomb: never decoded
+        frame(2, b"GIF89a not a jpeg"),
+        frame(3, jpeg_declaring(20000, 20000)),  # a JPEG bomb whose headers claim 64x48
+        frame(4, good, capture_ts=b"nan"),  # forged header: still placeable, so its gap closes
+        frame(5, noise, 320, 240),  # its B record (3000 boxes) is above the 256 KB limit
+        frame(6, good),
+        frame(7, good),
+        (b"hw/x", good, None),  # no headers at all: dead-lettered, no gap to close
+    ]
+    producer = make_producer(s.kafka)
+    for i, (key, value, headers) in enumerate(a_records):
+        producer.send(s.topics.frames.name, key=key, value=value, headers=headers, partition=i % 6)
+    eos = encode_end_of_stream(EndOfStream("hw", frames_published=8))
+    producer.send(s.topics.frames.name, key=eos.key, value=eos.value, headers=list(eos.headers), partition=0)
+    producer.send(s.topics.detections.name, key=b"hw", value=b"[" * 100000)  # deep JSON on C
+    deep_b = frame(6, good)[2] + [("model", b"m"), ("detections", b"[" * 100000)]
+    producer.send(s.topics.detected_frames.name, key=b"hw/6", value=good, headers=deep_b)
+    producer.flush()
+    producer.close()
+
+    inter = InterWorker(s, "inter-0", detector=ManyBoxes(320, 3000)).run(max_messages=10, timeout_s=60)
+    assert inter["records_in"] == 10 and inter["frames_out"] == 3 and inter["retries"] == 0
+    assert inter["dead_lettered"] == 6 and inter["skip_markers"] == 5
+    count = CountWorker(s, "count-0").run(max_messages=10, timeout_s=60)  # 3 frames, 5 markers, EOS, deep JSON
+    assert count["dead_lettered"] == 1 and count["retries"] == 0 and count["skip_markers"] == 5
+    table = read_table(s)["hw"]
+    assert table["complete"] and table["frames_applied"] == 3
+    assert table["frames_skipped"] == {"poison": 4, "too_large": 1}
+    assert table["applied_watermark"] == 8 and table["applied_runs"] == []
+    crop = CropWorker(s, "crop-0").run(max_messages=4, timeout_s=60)
+    assert crop["dead_lettered"] == 1 and crop["frames_out"] == 3 and crop["retries"] == 0
+    dead = read_all(s.kafka, s.topics.dead_letter.name)
+    reasons = sorted((dict(r.headers)["vapipe-dlq-stage"].decode(), dict(r.headers)["vapipe-dlq-error"].decode()) for r in dead)
+    assert reasons == [("count", "DecodeError"), ("crop", "DecodeError")] + [("inter", "DecodeError")] * 5 + [
+        ("inter", "RecordTooLargeError")
+    ]
+    too_large = next(r for r in dead if dict(r.headers)["vapipe-dlq-error"] == b"RecordTooLargeError")
+    assert too_large.value == noise and b"above kafka.max_message_bytes" in dict(too_large.headers)["vapipe-dlq-reason"]
+    markers = [json.loads(r.value) for r in read_all(s.kafka, s.topics.detections.name) if b'"skipped"' in (r.value or b"")]
+    assert sorted(m["frame_index"] for m in markers) == [1, 2, 3, 4, 5]
+
+
+def test_a_commit_that_timed_out_after_landing_does_not_run_the_batch_twice(make_settings, highway: str) -> None:
+    from collections import Counter
+
+    from kafka.errors import KafkaTimeoutError
+
+    from pipeline.codecs import decode_detections
+    from pipeline.messages import FrameDetections
+
+    s = make_settings(producer__max_frames=6, model__name="sleep:1ms")
+    _publish(s, highway, "hw")
+    worker = InterWorker(s, "inter-0")
+    worker.max_backoff_s = 0.5
+    complete = worker.delivery.complete
+    timed_out: list[int] = []
+
+    def lands_then_times_out(consumer, records, futures) -> None:
+        complete(consumer, records, futures)  # the transaction and its offsets are committed...
+        if not timed_out:
+            timed_out.append(len(records))
+            raise KafkaTimeoutError("commit acknowledgement timed out")  # ...but this replica never hears it
+
+    worker.delivery.complete = lands_then_times_out  # type: ignore[method-assign]
+    stats = worker.run(idle_timeout_s=3, timeout_s=60)
+    assert timed_out and stats["retries"] == 1
+    on_c = Counter(
+        item.meta.frame_index
+        for item in (decode_detections(r.value) for r in read_all(s.kafka, s.topics.detections.name))
+        if isinstance(item, FrameDetections)
+    )
+    # Before: the worker seeked back to the batch's first offsets and published the batch again.
+    assert on_c == Counter(range(6))

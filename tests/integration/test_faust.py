@@ -105,7 +105,7 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
     assert all_ray.engines == {"inter": "ray", "crop": "ray", "count": "ray"}
     assert mixed.per_stream["hw"] == all_ray.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
     want, got = read_table(ray_settings)["hw"], read_table(mixed_settings)["hw"]
-    for key in ("totals", "frames_applied", "frames_expected", "window", "applied_watermark", "applied_above"):
+    for key in ("totals", "frames_applied", "frames_expected", "window", "applied_watermark", "applied_runs"):
         assert got[key] == want[key], key
     assert mixed.vehicles == all_ray.vehicles == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
     assert mixed.crops_per_label == all_ray.crops_per_label
@@ -163,7 +163,7 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
     assert summary.restarts.get(killed[0], 0) >= 1
     assert summary.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
     table = read_table(s)["hw"]
-    assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_above"] == []
+    assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_runs"] == []
     # No frame counted twice: the totals equal a direct count of C's vehicles above 0.5.
     assert table["totals"] == summary.vehicles["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
 

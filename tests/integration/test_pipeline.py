@@ -17,7 +17,7 @@ from cluster.reading import read_all
 from pipeline.codecs import decode_detections, decode_frame
 from pipeline.config import Settings
 from pipeline.crop import load_index
-from pipeline.messages import EndOfStream
+from pipeline.messages import EndOfStream, FrameDetections
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
 from tests.conftest import ReferenceDetector
@@ -33,7 +33,7 @@ def detections_on_c(settings: Settings, stream_id: str) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for record in read_topic(settings, settings.topics.detections.name):
         item = decode_detections(record.value)
-        if not isinstance(item, EndOfStream) and item.meta.stream_id == stream_id:
+        if isinstance(item, FrameDetections) and item.meta.stream_id == stream_id:
             assert item.meta.frame_index not in out, f"frame {item.meta.frame_index} appears twice on C"
             out[item.meta.frame_index] = item.detections
     return out

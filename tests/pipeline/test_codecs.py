@@ -78,10 +78,11 @@ def test_jpeg_round_trip(height: int, width: int, quality: int) -> None:
     assert np.abs(back.astype(int) - image.astype(int)).mean() < 12  # lossy, but close
 
 
-def test_decode_jpeg_accepts_other_opencv_images() -> None:
+def test_decode_jpeg_refuses_other_image_formats() -> None:
     ok, png = cv2.imencode(".png", IMAGE)
     assert ok
-    assert np.array_equal(decode_jpeg(png.tobytes()), IMAGE)  # PNG is lossless
+    with pytest.raises(DecodeError, match="not a JPEG"):
+        decode_jpeg(png.tobytes())  # any format OpenCV reads was accepted, PNG bombs included
 
 
 @pytest.mark.parametrize(
@@ -382,3 +383,153 @@ def test_fit_jpeg_lowers_quality_then_halves_size_until_it_fits() -> None:
     assert len(small) <= 8000 and w < 320 and abs(w / h - 320 / 240) < 0.05
     assert decode_jpeg(small).shape == (h, w, 3)
     assert fit_jpeg(noisy, 90, 100) is None  # not even the smallest size fits
+
+
+# -- total decoders: poison that used to crash a stage or exhaust memory --------------------------
+
+
+def png_bomb(side: int = 20000) -> bytes:
+    """A tiny PNG of side x side pixels (a decompression bomb: ~1.2 GB once decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + b"\x00" * (side * 3)
+    body = b"".join(compressor.compress(row) for _ in range(64)) + compressor.flush()  # truncated rows: enough
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A real JPEG whose SOF header is patched to declare another size (a JPEG bomb, as far as size goes)."""
+    data = bytearray(JPEG)
+    pos = 2
+    while data[pos + 1] not in (0xC0, 0xC2):
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    data[pos + 5 : pos + 7] = height.to_bytes(2, "big")
+    data[pos + 7 : pos + 9] = width.to_bytes(2, "big")
+    return bytes(data)
+
+
+DEEP = b"[" * 100000
+DEEP_OBJECT = b'{"a":' * 40 + b"1" + b"}" * 40
+
+
+def test_jpeg_size_reads_the_frame_header_without_decoding() -> None:
+    assert codecs.jpeg_size(JPEG) == (64, 48)
+    assert codecs.jpeg_size(jpeg_declaring(20000, 20000)) == (20000, 20000)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (png_bomb(), "not a JPEG"),
+        (jpeg_declaring(20000, 20000), "20000x20000 pixels is above the limit"),
+        (jpeg_declaring(0, 48), "empty image"),
+        (b"\xff\xd8\xff", "no JPEG frame header"),
+        (b"\xff\xd8\xff\xe0\x00\x02" * 3, "no JPEG frame header"),
+        (b"\xff\xd8\xff\xe0\xff\xff", "no JPEG frame header"),  # a segment length past the end
+        (b"\xff\xd8\xff\xda\x00\x08", "no JPEG frame header"),  # scan before any frame header
+        (JPEG[:200], "no JPEG frame header|not a decodable image"),
+    ],
+)
+def test_decode_jpeg_bounds_format_and_pixels_before_decoding(data: bytes, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        decode_jpeg(data)
+
+
+def test_decode_jpeg_refuses_a_size_other_than_the_headers_claim() -> None:
+    assert decode_jpeg(JPEG, expect=(64, 48)).shape == (48, 64, 3)
+    with pytest.raises(DecodeError, match="headers say 2x2 but the JPEG is 64x48"):
+        decode_jpeg(JPEG, expect=(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("value", "limits", "match"),
+    [
+        (DEEP, codecs.DEFAULT_LIMITS, "nested deeper than 32"),
+        (b"{" * 100000, codecs.DEFAULT_LIMITS, "nested deeper than 32"),
+        (DEEP_OBJECT, codecs.DEFAULT_LIMITS, "nested deeper than 32"),
+        (b'{"a":"' + b"[" * 100 + b'"}', codecs.DEFAULT_LIMITS, None),  # brackets inside a string are text
+        (b'{"a":"\\\\"}', codecs.DEFAULT_LIMITS, None),  # an escaped backslash closes nothing
+        (b'{"a":"\\"[[[["}', codecs.DecodeLimits(max_json_depth=2), None),  # an escaped quote does not end it
+        (b'{"a":' + b"1" * 5000 + b"}", codecs.DEFAULT_LIMITS, "malformed JSON"),  # int above Python's digit limit
+        (b'{"a":"' + b"x" * 2000 + b'"}', codecs.DecodeLimits(max_json_bytes=1000), "above the limit of 1000 bytes"),
+        (b"\xff\xfe", codecs.DEFAULT_LIMITS, "malformed JSON"),
+    ],
+)
+def test_decode_json_is_total(value: bytes, limits: codecs.DecodeLimits, match: str | None) -> None:
+    if match is None:
+        assert isinstance(decode_json(value, limits), dict)
+    else:
+        with pytest.raises(DecodeError, match=match):
+            decode_json(value, limits)
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (DEEP, "nested deeper"),
+        (json.dumps(detections_body(detections=json.loads(b"[" * 40 + b"]" * 40))).encode(), "nested deeper"),
+        (encode_json({"type": "skipped", "schema_version": 1, "stream_id": "s", "frame_index": 3}), "unknown skip reason"),
+        (encode_json({"type": "skipped", "schema_version": 1, "stream_id": "s", "reason": "poison"}), "lacks 'frame_index'"),
+        (encode_json({"type": "skipped", "schema_version": 1, "stream_id": "", "frame_index": 3, "reason": "poison"}), "invalid"),
+        (
+            encode_json({"type": "skipped", "schema_version": 1, "stream_id": "s", "frame_index": -1, "reason": "poison"}),
+            "invalid",
+        ),
+    ],
+)
+def test_decode_detections_is_total(value: bytes, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        decode_detections(value)
+
+
+def test_skipped_frame_round_trip_on_c() -> None:
+    from pipeline.messages import SkippedFrame
+
+    item = SkippedFrame("cam1", 5, "poison")
+    record = codecs.encode_skipped(item)
+    assert record.key == b"cam1"
+    _assert_no_pickle(record)
+    assert decode_detections(record.value) == item
+
+
+@pytest.mark.parametrize(
+    ("headers", "match"),
+    [
+        (frame_headers() + [("model", b"m"), ("detections", DEEP)], "nested deeper"),
+        (frame_headers() + [("model", b"m"), ("detections", b"[" + b"1," * 600000 + b"1]")], "above the limit"),
+        (frame_headers() + [("big", b"x" * (3 * 1024 * 1024))], "headers are above the limit"),
+        (frame_headers(width="20000", height="20000") + [("detections", b"[]")], "above 40000000"),
+        ([("vapipe-type", None), ("stream_id", b"x")], "unknown or missing vapipe-type"),
+        ([(b"\xff", b"frame")], "unknown or missing vapipe-type"),
+        ("not headers", "not a list of"),
+        ([("only-a-key",)], "not a list of"),
+    ],
+)
+def test_decode_detected_frame_is_total(headers: Any, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        decode_detected_frame(JPEG, headers)
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (frame_headers(), ("cam1", 7)),
+        (frame_headers(width="nan", capture_ts="x"), ("cam1", 7)),  # other fields broken: still placeable
+        (frame_headers(frame_index="-3"), None),
+        (frame_headers(frame_index="seven"), None),
+        (frame_headers(stream_id=None), None),
+        (frame_headers(**{"vapipe-type": "eos"}), None),
+        ([("stream_id", b"cam1"), ("frame_index", b"7")], None),  # no type header: not known to be a frame
+        ([("vapipe-type", b"frame"), ("stream_id", b"\xff"), ("frame_index", b"1")], None),
+        (None, None),
+        ("junk", None),
+    ],
+)
+def test_frame_position_never_raises(headers: Any, expected: tuple[str, int] | None) -> None:
+    assert codecs.frame_position(headers) == expected

@@ -11,6 +11,7 @@ import pytest
 from pipeline.codecs import decode_json, encode_json
 from pipeline.config import COCO_VEHICLES
 from pipeline.counting import AppliedFrames, StreamCounts, VehicleCounter, vehicles_in
+from pipeline.errors import DecodeError
 from pipeline.messages import Detections, EndOfStream, FrameDetections
 from tests.pipeline.helpers import DoesNotRaise, mock_frame, vehicles
 
@@ -254,7 +255,13 @@ def test_snapshot_restore_round_trip_through_json() -> None:
         ({}, DoesNotRaise()),
         (StreamCounts().to_dict(), DoesNotRaise()),
         ({"totals": {"car": "3"}, "window": {"7": {"car": 1}}, "applied_watermark": "2"}, DoesNotRaise()),
-        ({"totals": {"car": "many"}}, pytest.raises(ValueError)),
+        ({"totals": {"car": "many"}}, pytest.raises(DecodeError, match="invalid count snapshot")),
+        ({"window": {"7": ["car"]}}, pytest.raises(DecodeError)),  # was an AttributeError that stopped the stage
+        ({"applied_runs": [1]}, pytest.raises(DecodeError)),
+        ({"applied_runs": [0, 1]}, pytest.raises(DecodeError)),
+        ({"applied_watermark": 2, "applied_runs": [1, 2, 3, 1]}, DoesNotRaise()),
+        ({"applied_above": "12"}, DoesNotRaise()),  # a string iterates as digits: odd but harmless
+        ({"frames_expected": "x"}, pytest.raises(DecodeError)),
     ],
 )
 def test_stream_counts_from_dict(data: dict[str, Any], exception: Any) -> None:
@@ -287,6 +294,7 @@ def test_streams_are_kept_apart() -> None:
         "totals": {"car": 3},
         "moving": {"car": 1},
         "frames_applied": 2,
+        "frames_skipped": {},
         "frames_expected": None,
         "complete": False,
     }
@@ -294,6 +302,7 @@ def test_streams_are_kept_apart() -> None:
         "totals": {"bus": 1, "car": 1},
         "moving": {"bus": 1, "car": 1},
         "frames_applied": 2,
+        "frames_skipped": {},
         "frames_expected": 2,
         "complete": True,
     }
@@ -301,3 +310,131 @@ def test_streams_are_kept_apart() -> None:
     fresh = make_counter(window_frames=2)
     fresh.restore("south", snapshot)
     assert fresh.table() == {"south": table["south"]}
+
+
+# -- gaps: a frame that never comes must not grow the table or hold a stream open ---------------
+
+
+SNAPSHOT_LIMIT = 4096
+"""Bytes a stream's snapshot may take on the changelog, whatever arrives (issue 12)."""
+
+
+def _run_stream(counter: VehicleCounter, frames: int, missing: set[int], skipped: set[int]) -> int:
+    """Apply frames 0..frames-1 except ``missing``; mark ``skipped`` as dead-lettered. Returns the largest snapshot."""
+    from pipeline.messages import SkippedFrame
+
+    largest = 0
+    for index in range(frames):
+        if index in skipped:
+            assert counter.skip(SkippedFrame("cam1", index, "poison"))
+        elif index not in missing:
+            counter.update(cars("cam1", index, 1 + index % 3))
+        if index % 97 == 0 or index == frames - 1:  # every snapshot the count stage would write, sampled
+            largest = max(largest, len(encode_json(counter.snapshot("cam1"))))
+    counter.end_of_stream(EndOfStream("cam1", frames_published=frames))
+    return largest
+
+
+def test_a_dead_lettered_frame_closes_its_gap_and_the_stream_completes() -> None:
+    counter = make_counter()
+    largest = _run_stream(counter, 20_000, missing=set(), skipped={5})
+    state = counter.streams["cam1"]
+    assert (state.applied.watermark, state.applied.ranges) == (20_000, [])
+    assert state.skipped == {"poison": 1} and state.frames_applied == 19_999 and state.complete
+    assert largest <= SNAPSHOT_LIMIT
+    snapshot = counter.snapshot("cam1")
+    assert snapshot["frames_skipped"] == {"poison": 1} and snapshot["complete"] is True
+
+
+def test_a_frame_that_never_comes_is_given_up_after_the_horizon() -> None:
+    # Before: every frame after the hole went into a flat list, ~100 KB after 20k frames and
+    # past the 8 MB record limit after ~12 h at 25 fps, so every count batch then failed.
+    counter = make_counter(window_frames=5)
+    largest = _run_stream(counter, 20_000, missing={5}, skipped=set())
+    state = counter.streams["cam1"]
+    assert state.skipped == {"lost_gap": 1} and state.complete
+    assert state.applied.watermark == 20_000 and largest <= SNAPSHOT_LIMIT
+    assert counter.update(cars("cam1", 5)) is None  # arrives after being given up: not counted
+
+
+@pytest.mark.parametrize("missing_every", [2, 6, 50, 1500])
+def test_many_holes_keep_the_snapshot_bounded(missing_every: int) -> None:
+    counter = make_counter(window_frames=5)
+    largest = _run_stream(counter, 20_000, missing=set(range(1, 20_000, missing_every)), skipped=set())
+    state = counter.streams["cam1"]
+    assert len(state.applied.ranges) <= state.applied.max_gaps and state.applied.held <= state.applied.horizon
+    assert largest <= SNAPSHOT_LIMIT
+    assert state.frames_applied + state.frames_skipped <= 20_000
+
+
+def test_reordered_frames_within_the_horizon_are_all_counted() -> None:
+    import random
+
+    order = list(range(2000))
+    rng = random.Random(12)
+    for start in range(0, 2000, 64):  # six partitions in parallel: frames arrive shuffled within a batch
+        chunk = order[start : start + 64]
+        rng.shuffle(chunk)
+        order[start : start + 64] = chunk
+    counter = make_counter()
+    for index in order:
+        assert counter.update(cars("cam1", index)) is not None
+    state = counter.streams["cam1"]
+    assert state.frames_applied == 2000 and state.skipped == {} and state.applied.watermark == 2000
+
+
+def test_a_forged_far_frame_index_holds_one_range_and_loses_nothing() -> None:
+    counter = make_counter()
+    counter.update(cars("cam1", 10**12))
+    for index in range(5000):
+        counter.update(cars("cam1", index))
+    state = counter.streams["cam1"]
+    assert state.applied.ranges == [[10**12, 10**12 + 1]] and state.skipped == {}
+    assert counter.snapshot("cam1")["applied_runs"] == [10**12 - 5000, 1]
+
+
+def test_a_redelivered_skip_marker_counts_once_and_never_after_the_frame() -> None:
+    from pipeline.messages import SkippedFrame
+
+    counter = make_counter()
+    assert counter.skip(SkippedFrame("cam1", 1, "too_large"))
+    assert not counter.skip(SkippedFrame("cam1", 1, "too_large"))
+    counter.update(cars("cam1", 0))
+    assert not counter.skip(SkippedFrame("cam1", 0, "poison"))  # applied already
+    counter.end_of_stream(EndOfStream("cam1", frames_published=2))
+    assert counter.table()["cam1"]["complete"] and counter.table()["cam1"]["frames_skipped"] == {"too_large": 1}
+
+
+def test_old_snapshots_with_a_flat_applied_list_restore_into_ranges() -> None:
+    counter = make_counter()
+    counter.restore("cam1", {"applied_watermark": 3, "applied_above": [5, 6, 7, 9], "frames_applied": 7})
+    applied = counter.streams["cam1"].applied
+    assert (applied.watermark, applied.ranges) == (3, [[5, 8], [9, 10]])
+    snapshot = counter.snapshot("cam1")
+    assert "applied_above" not in snapshot and snapshot["applied_runs"] == [2, 3, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("added", "max_gaps", "horizon", "watermark", "ranges", "lost"),
+    [
+        ([1, 3, 5], 2, 100, 2, [[3, 4], [5, 6]], 1),  # a third gap gives up the lowest
+        ([2, 3, 4], 10, 2, 5, [], 2),  # three held above the gap, horizon 2: given up
+        ([2, 3], 10, 2, 0, [[2, 4]], 0),
+        ([1, 0], 1, 1, 2, [], 0),
+    ],
+)
+def test_applied_frames_bounds(
+    added: list[int], max_gaps: int, horizon: int, watermark: int, ranges: list[list[int]], lost: int
+) -> None:
+    applied = AppliedFrames(max_gaps=max_gaps, horizon=horizon)
+    assert sum(applied.add(i) for i in added) == lost
+    assert (applied.watermark, applied.ranges) == (watermark, ranges)
+
+
+def test_an_old_unbounded_snapshot_restores_bounded_with_its_lost_frame_counted() -> None:
+    counter = make_counter()
+    old = {"applied_watermark": 5, "applied_above": list(range(6, 20_000)), "frames_applied": 19_999, "frames_expected": 20_000}
+    counter.restore("cam1", old)
+    state = counter.streams["cam1"]
+    assert (state.applied.watermark, state.applied.ranges) == (20_000, [])
+    assert state.skipped == {"lost_gap": 1} and state.complete

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -277,3 +278,37 @@ def test_sink_accepts_crop_detections_output(tmp_path: Path, detections: Detecti
     with exception:
         entries = CropSink(tmp_path).write(FrameMeta("s", 0, 0.0, W, H), crop_detections(IMAGE, detections, 0.7))
         assert len(entries) == len(detections)
+
+
+# -- durability: a crop is on disk before the index names it; replicas never share a temp file --------
+
+
+def test_crop_files_are_fsynced_and_renamed_before_their_index_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        events.append("fsync " + ("index" if name.endswith(".jsonl") else "dir" if os.path.isdir(name) else "crop"))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    CropSink(tmp_path / "crops", writer="crop-0").write(mock_meta("a", 1), _crops(["car", "bus"]))
+    # Before: the crop was renamed into place unsynced while its index line was fsynced, so after a
+    # power cut the index could name an empty or missing file.
+    assert events == ["fsync crop", "rename", "fsync crop", "rename", "fsync dir", "fsync dir", "fsync index"]
+
+
+def test_temp_names_are_unique_per_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    temps: list[str] = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (temps.append(Path(src).name), real_replace(src, dst)))
+    for writer in ("crop-0", "crop-1"):
+        CropSink(tmp_path / "crops", writer=writer).write(mock_meta("a", 1), _crops(["car"]))
+    assert len(set(temps)) == 2 and all("crop-0" in t or "crop-1" in t for t in temps)
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
