@@ -182,8 +182,7 @@ def counts(as_json: Annotated[bool, typer.Option("--json", help="Print the raw t
         return
     for stream_id, state in sorted(table.items()):
         totals = ", ".join(f"{k}={v}" for k, v in sorted(state.get("totals", {}).items())) or "no vehicles"
-        expected = state.get("frames_expected")
-        done = "complete" if expected is not None and state.get("frames_applied", 0) >= expected else "running"
+        done = "complete" if state.get("complete") else "running"  # skipped frames count toward completion
         typer.echo(f"{stream_id}: {totals} ({state.get('frames_applied', 0)} frames, {done})")
 
 

@@ -138,7 +138,7 @@ def test_ray_and_faust_take_turns_on_one_table(faust_installed, ray_local, make_
         table = read_table(s)
         for name, totals in want.items():  # this turn's stream counted once, the earlier ones untouched
             row = table[name]
-            assert (row["totals"], row["frames_applied"], row["applied_above"]) == (totals, frames, []), (engine, name)
+            assert (row["totals"], row["frames_applied"], row["applied_runs"]) == (totals, frames, []), (engine, name)
 
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
