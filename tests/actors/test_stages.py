@@ -83,7 +83,8 @@ def test_poison_records_are_skipped_and_counted(make_settings, highway: str) -> 
     FrameProducer(s, parse_source(highway, stream_id="hw")).run()
     inter = InterWorker(s, "inter-0").run(max_messages=7, timeout_s=60)
     assert inter["poison"] == 3 and inter["dead_lettered"] == 3 and inter["frames_out"] == 3
-    count = CountWorker(s, "count-0").run(max_messages=5, timeout_s=60)
+    # C: the poison record, the skip marker the InterConsumer sent for stream x's frame 0, 3 frames, end of stream.
+    count = CountWorker(s, "count-0").run(max_messages=6, timeout_s=60)
     assert count["poison"] == 1 and count["dead_lettered"] == 1 and count["table"]["hw"]["frames_applied"] == 3
     poison_b = make_producer(s.kafka)
     poison_b.send(s.topics.detected_frames.name, value=b"junk", headers=[("vapipe-type", b"frame"), ("schema_version", b"1")])
