@@ -23,8 +23,8 @@ acks it then and commits later. A batch that fails ends the worker process
 *before* its events are acked; the engine restarts it and it resumes at the last
 commit. Two faust-streaming behaviours would lose records, and are worked around
 here: its pre-commit flush can return with table writes unsent
-(``_keep_changelog_sends``), and after a rebalance it can skip records and commit
-past them (``hold_faust_gaps``, ``SkippedRecords``). Faust's own exactly_once (a
+(``tables.CountTables``), and after a rebalance it can skip records and commit
+past them (``gaps.hold_faust_gaps``, ``gaps.SkippedRecords``). Faust's own exactly_once (a
 transaction per source partition) crashes in faust-streaming 0.15.3, so this
 engine refuses it (see ``faust_guarantee``).
 """
@@ -32,34 +32,24 @@ engine refuses it (see ``faust_guarantee``).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import io
 import json
 import logging
 import os
 import resource
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from actors.faust.gaps import EventRecord, SkippedRecords, hold_faust_gaps
 from actors.faust.recovery import read_committed, recover_to_last_record, recovery_waiting
-from actors.stages import WORKERS
-from pipeline.codecs import Record, decode_json
-from pipeline.config import Settings, TopicSpec
-from pipeline.errors import BrokerError, ConfigError, DecodeError, PipelineError
+from actors.faust.tables import CountTables
+from actors.stages import WORKERS, CountWorker
+from pipeline.codecs import Record
+from pipeline.config import Settings
+from pipeline.errors import ConfigError, PipelineError
 
-__all__ = [
-    "FaustStage",
-    "EventRecord",
-    "CollectingProducer",
-    "SkippedRecords",
-    "faust_guarantee",
-    "hold_faust_gaps",
-    "moving_changelog",
-    "settings_to_json",
-    "settings_from_json",
-]
+__all__ = ["FaustStage", "CollectingProducer", "faust_guarantee", "settings_to_json", "settings_from_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +63,6 @@ FAUST_EXACTLY_ONCE_BROKEN = (
     "so the Faust engine runs at_least_once only: add --set processing_guarantee=at_least_once, "
     "or use --engine ray for exactly-once"
 )
-
-_capture_ts: contextvars.ContextVar[float] = contextvars.ContextVar("vapipe_capture_ts", default=0.0)
 
 
 def faust_guarantee(settings: Settings) -> str:
@@ -94,22 +82,6 @@ def faust_guarantee(settings: Settings) -> str:
         ) from None
 
 
-def moving_changelog(settings: Settings) -> TopicSpec:
-    """The changelog of the count stage's hopping-window table, under the name Faust gives it.
-
-    The engine creates it before any worker starts. Left to Faust, each worker declares
-    it on start-up, and a worker whose metadata predates the topic failed its first
-    window write (``PartitionsMismatch``: 0 partitions) and had to be restarted.
-    """
-    source = settings.topics.detections
-    return TopicSpec(
-        name=f"{settings.group('count')}-moving-changelog",
-        partitions=source.partitions,
-        replication_factor=source.replication_factor,
-        config={"cleanup.policy": "compact,delete", "retention.ms": str(int(settings.faust.window_expires_s * 1000))},
-    )
-
-
 def settings_to_json(settings: Settings) -> str:
     """Settings for a worker process, secrets included (``model_dump_json`` would mask them)."""
     data = settings.model_dump(mode="json")
@@ -120,23 +92,6 @@ def settings_to_json(settings: Settings) -> str:
 
 def settings_from_json(text: str) -> Settings:
     return Settings.model_validate(json.loads(text))
-
-
-@dataclass(frozen=True, slots=True)
-class EventRecord:
-    """A Faust event in the shape the stage workers read (kafka-python's ConsumerRecord fields)."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, event: Any) -> EventRecord:
-        m = event.message
-        return cls(m.topic, m.partition, m.offset, m.key, m.value, [(k, v) for k, v in (m.headers or [])])
 
 
 class _Sent:
@@ -181,118 +136,6 @@ def _broker_urls(settings: Settings) -> list[str]:
             f"kafka.extra={sorted(settings.kafka.extra)}); use --engine ray for SSL/SASL or extra client settings"
         )
     return [f"kafka://{h}" for h in settings.kafka.hosts()]
-
-
-def hold_faust_gaps() -> None:
-    """Stop faust-streaming from treating offsets it never delivered as processed.
-
-    When a partition's next record is more than one offset past the last one read,
-    Faust's consumer marks the offsets in between as done (``Consumer._add_gap``, meant
-    for compacted and transactional topics), so a later commit passes them. After a
-    rebalance it can hand an agent a prefetched record from further on (faust#216,
-    faust#221). Seen here: a count worker restarted after a SIGKILL applied frame 21,
-    then 29, and frames 22 to 28 were committed but never counted. With the gap held,
-    Faust cannot commit past a hole; the agent reads the hole's records itself
-    (``SkippedRecords``), processes them, then releases it (``release_gap``).
-    """
-    from faust.transport.consumer import Consumer
-
-    if hasattr(Consumer, "release_gap"):
-        return
-    release = Consumer._add_gap
-
-    async def hold(self: Any, tp: Any, offset_from: int, offset_to: int) -> None:
-        logger.info("faust skipped %s offsets %d..%d; the agent reads them itself", tp, offset_from, offset_to - 1)
-
-    Consumer.release_gap = release  # type: ignore[attr-defined]
-    Consumer._add_gap = hold  # type: ignore[method-assign]
-
-
-class SkippedRecords:
-    """Finds the records Faust skipped in a partition and reads them straight from Kafka.
-
-    The agent knows the next offset it should see in each of its partitions: the group's
-    committed offset after an assignment, then one past the last record it was given.
-    Any record further on means records were skipped; they are read with kafka-python
-    (committed records only, so transaction markers, which take offsets, read as
-    nothing) and processed before the record that revealed the hole.
-    """
-
-    def __init__(self, settings: Settings, group: str, topic: str) -> None:
-        self.settings = settings
-        self.group = group
-        self.topic = topic
-        self._next: dict[int, int] = {}
-        self._reader: Any = None
-        self._offsets: Any = None
-        self.records_read = 0
-
-    def forget(self) -> None:
-        """A rebalance: Faust restarts every partition at its committed offset."""
-        self._next.clear()
-
-    def advance(self, records: list[EventRecord]) -> bool:
-        """Move past ``records`` if each follows on from the last one seen in its partition.
-
-        The per-event fast path, without I/O: False, moving nothing, when a partition is new
-        since the last rebalance or a record lies past a hole; then ``find`` (blocking) decides.
-        """
-        seen: dict[int, int] = {}
-        for r in records:
-            expected = seen.get(r.partition, self._next.get(r.partition))
-            if expected is None or r.offset > expected:
-                return False
-            seen[r.partition] = max(expected, r.offset + 1)
-        self._next.update(seen)
-        return True
-
-    def find(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[tuple[int, int, int]]]:
-        """The skipped records before ``records`` and the holes they fill, as (partition, start, end)."""
-        skipped: list[EventRecord] = []
-        holes: list[tuple[int, int, int]] = []
-        for r in records:
-            expected = self._next.get(r.partition)
-            if expected is None:
-                expected = self._start(r.partition)
-            if r.offset > expected:
-                skipped += self._read(r.partition, expected, r.offset)
-                holes.append((r.partition, expected, r.offset))
-            self._next[r.partition] = max(expected, r.offset + 1)
-        if holes:
-            logger.warning("%s: read %d records Faust skipped at %s", self.topic, len(skipped), holes)
-        return skipped, holes
-
-    def _start(self, partition: int) -> int:
-        """Where Faust resumes a partition: the group's committed offset, else the log's start."""
-        from kafka import TopicPartition
-
-        from cluster.clients import make_consumer
-
-        if self._offsets is None:
-            self._offsets = make_consumer(self.settings.kafka, group_id=self.group)
-        tp = TopicPartition(self.topic, partition)
-        committed = self._offsets.committed(tp)
-        return int(committed) if committed is not None else int(self._offsets.beginning_offsets([tp])[tp])
-
-    def _read(self, partition: int, start: int, end: int) -> list[EventRecord]:
-        from kafka import TopicPartition
-
-        from cluster.clients import make_consumer
-        from cluster.reading import records_in_range
-
-        if self._reader is None:
-            self._reader = make_consumer(self.settings.kafka, group_id=None)
-        tp = TopicPartition(self.topic, partition)
-        found = [
-            EventRecord(r.topic, r.partition, r.offset, r.key, r.value, list(r.headers or []))
-            for r in records_in_range(self._reader, tp, start, end, timeout_s=60)
-        ]
-        if self._reader.position(tp) < end:
-            raise BrokerError(
-                f"could not read the records Faust skipped in {self.topic}[{partition}] {start}..{end - 1} within 60s"
-            )
-        self.records_read += len(found)
-        return found
 
 
 class FaustStage:
@@ -366,8 +209,10 @@ class FaustStage:
         self.skips = SkippedRecords(settings, settings.group(stage), self.worker.input_topic)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         source = self.topic(self.worker.input_topic)
+        self.count_tables: CountTables | None = None
         if stage == "count":
-            self._build_tables(faust)
+            assert isinstance(self.worker, CountWorker)
+            self.count_tables = CountTables(self.app, settings, self.worker)
             recover_to_last_record(self.app, settings.kafka)
             self.app.agent(source, name=f"vapipe.{stage}")(self._count_agent)
         else:
@@ -413,64 +258,6 @@ class FaustStage:
             )
         return self._topics[name]
 
-    def _build_tables(self, faust: Any) -> None:
-        t = self.settings.topics
-        if t.counts_changelog.partitions != t.detections.partitions:
-            raise ConfigError(
-                f"the Faust table needs topics.counts_changelog.partitions ({t.counts_changelog.partitions}) equal to "
-                f"topics.detections.partitions ({t.detections.partitions}): Faust co-partitions a table with its source"
-            )
-        changelog = self.app.topic(
-            t.counts_changelog.name,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-            partitions=t.counts_changelog.partitions,
-            compacting=True,
-            internal=False,
-        )
-        self.table = self.app.Table(
-            "counts",
-            key_type=bytes,
-            value_type=bytes,
-            default=None,
-            partitions=t.detections.partitions,
-            changelog_topic=changelog,
-        )
-        cfg = self.settings.faust
-        moving = moving_changelog(self.settings)
-        assert moving.name == f"{self.app.conf.id}-moving-changelog"  # Faust's own name for the table's changelog
-        self.windowed = (
-            self.app.Table("moving", key_type=str, value_type=int, default=int, partitions=t.detections.partitions)
-            .hopping(cfg.window_s, cfg.window_step_s, expires=cfg.window_expires_s)
-            .relative_to(lambda event: _capture_ts.get())
-        )
-        self._changelog_sends: list[Any] = []
-        self._keep_changelog_sends(self.table)
-        self._keep_changelog_sends(self.windowed.table)
-        self._in_sync: dict[str, bytes | None] = {}
-        self._windowed_view: dict[str, dict[str, int]] = {}
-
-    def _keep_changelog_sends(self, table: Any) -> None:
-        """Keep the delivery future of every changelog write the table makes, for the agent to await.
-
-        Faust buffers table writes (``send_soon``) and, before a commit, drains that
-        buffer with ``ProducerBuffer.flush``, which gives up after 0.1 s without a
-        send and never waits for the message it is sending. On a busy machine a
-        commit could then pass an event whose table write was still unsent, and a
-        worker killed right after lost that frame. Awaiting the writes before the
-        event is acked closes the gap.
-        """
-        send_changelog = table.send_changelog
-
-        def send_and_keep(*args: Any, **kwargs: Any) -> Any:
-            fut = send_changelog(*args, **kwargs)
-            self._changelog_sends.append(fut)
-            return fut
-
-        table.send_changelog = send_and_keep
-
     # -- agents --------------------------------------------------------------
     async def _batch_agent(self, stream: Any) -> None:
         """InterConsumer and crop: a batch of events at a time, the worker's ``process`` in a thread."""
@@ -493,6 +280,8 @@ class FaustStage:
         """Count: one event at a time, so every table write belongs to its own source partition."""
         counts_topic = self.settings.topics.counts.name
         changelog = self.settings.topics.counts_changelog.name
+        tables = self.count_tables
+        assert tables is not None
         async for event in stream.events():
             records = [EventRecord.of(event)]
             sends: list[Any] = []
@@ -500,17 +289,16 @@ class FaustStage:
                 skipped, holes = await self._skipped_before(records)
                 records = skipped + records  # all of one partition: the event's table writes go to its changelog partition
                 for record in records:
-                    self._sync_from_table(record.key)
+                    tables.sync(record.key)
                     self.worker.process([record])
                     for topic, rec, partition in self.producer.take():
                         if topic == changelog:
-                            self._put(rec)  # Faust writes the snapshot to the same changelog topic
+                            tables.put(rec)  # Faust writes the snapshot to the same changelog topic
                             continue
                         if topic == counts_topic:
-                            self._window(rec)
+                            tables.window(rec)
                         sends.append(await self._send(topic, rec, partition))
-                sends += self._changelog_sends
-                self._changelog_sends = []
+                sends += tables.take_sends()
                 # Delivered before the event is acked, so no commit can pass an unwritten count.
                 await asyncio.gather(*sends)
                 await self._release(holes)
@@ -535,44 +323,6 @@ class FaustStage:
 
     async def _send(self, topic: str, rec: Record, partition: int | None) -> Any:
         return await self.topic(topic).send(key=rec.key, value=rec.value, headers=list(rec.headers), partition=partition)
-
-    # -- the table -----------------------------------------------------------
-    def _sync_from_table(self, key: bytes | None) -> None:
-        """Make the worker's counter hold the Table's state for this stream (the Table is the truth)."""
-        if not key:
-            return
-        stream_id = key.decode("utf-8", "replace")
-        raw = self.table.get(key)
-        if stream_id in self._in_sync and self._in_sync[stream_id] is raw:
-            return
-        counter = self.worker.counter  # type: ignore[attr-defined]
-        if raw is None:
-            counter.streams.pop(stream_id, None)
-        else:
-            counter.restore(stream_id, decode_json(raw))
-        self._in_sync[stream_id] = raw
-
-    def _put(self, rec: Record) -> None:
-        assert rec.key is not None and rec.value is not None
-        self.table[rec.key] = rec.value
-        self._in_sync[rec.key.decode("utf-8", "replace")] = rec.value
-
-    def _window(self, rec: Record) -> None:
-        """Add an applied frame's vehicles to the hopping-window table, at its capture time."""
-        try:
-            update = decode_json(rec.value)
-        except DecodeError:
-            return
-        ts = float(update.get("capture_ts") or time.time())
-        _capture_ts.set(ts)
-        # The oldest hopping window that holds this frame: the vehicles of the last window_s seconds.
-        last_window = self.windowed.table.window.earliest(ts)
-        stream_id = str(update.get("stream_id"))
-        view = self._windowed_view.setdefault(stream_id, {})
-        for label, n in (update.get("in_frame") or {}).items():
-            key = f"{stream_id}/{label}"
-            self.windowed[key] += int(n)
-            view[label] = int(self.windowed[key][last_window])
 
     # -- bookkeeping ---------------------------------------------------------
     def _done(self, records: list[EventRecord]) -> None:
@@ -628,7 +378,7 @@ class FaustStage:
             out["moving_window"] = {
                 "size_s": self.settings.faust.window_s,
                 "step_s": self.settings.faust.window_step_s,
-                "current": self._windowed_view,
+                "current": self.count_tables.windowed_view if self.count_tables is not None else {},
             }
         return out
 

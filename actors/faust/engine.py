@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from actors.engines import check_engines
-from actors.faust.app import moving_changelog, settings_to_json
+from actors.faust.app import settings_to_json
+from actors.faust.tables import moving_changelog
 from actors.launcher import Progress, RunPlan, drain, prepare_run, summarise, wait_ready, write_summary
 from actors.ray.engine import RayWorkers
 from cluster.raycluster import ray_session

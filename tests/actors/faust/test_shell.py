@@ -8,7 +8,8 @@ import pytest
 from pydantic import SecretStr
 
 from actors.engines import parse_engines
-from actors.faust.app import CollectingProducer, EventRecord, faust_guarantee, settings_from_json, settings_to_json
+from actors.faust.app import CollectingProducer, faust_guarantee, settings_from_json, settings_to_json
+from actors.faust.gaps import EventRecord
 from actors.stages import CountWorker
 from pipeline.codecs import decode_json, encode_detections
 from pipeline.config import KafkaConfig, Settings
@@ -119,7 +120,7 @@ def test_cli_rejects_an_unknown_engine_in_one_line() -> None:
 
 
 def test_the_moving_window_changelog_is_made_by_the_engine_with_source_partitions() -> None:
-    from actors.faust.app import moving_changelog
+    from actors.faust.tables import moving_changelog
 
     s = Settings.model_validate({"group_prefix": "g1", "topics": {"detections": {"name": "c", "partitions": 4}}})
     spec = moving_changelog(s)
@@ -152,7 +153,7 @@ def test_held_gaps_stop_faust_committing_past_skipped_offsets_until_released() -
     from faust.types import TP
     from intervaltree import IntervalTree
 
-    from actors.faust.app import hold_faust_gaps
+    from actors.faust.gaps import hold_faust_gaps
 
     hold_faust_gaps()  # a class-level patch: undone after the test by held_gaps
     tp = TP("c", 0)

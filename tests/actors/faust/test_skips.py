@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from kafka import OffsetAndMetadata, TopicPartition
 
-from actors.faust.app import EventRecord, SkippedRecords
+from actors.faust.gaps import EventRecord, SkippedRecords
 from cluster.clients import make_consumer, make_producer, send_record
 from cluster.topics import create_topics
 from pipeline.codecs import Record
