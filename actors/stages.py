@@ -16,6 +16,7 @@ from typing import Any
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import MessageSizeTooLargeError
 
+from actors.failures import classify
 from actors.worker import StageWorker
 from cluster.clients import send_record
 from cluster.reading import read_all
@@ -240,7 +241,14 @@ class CountWorker(StageWorker):
                 pass
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                worker.restore()
+                try:
+                    worker.restore()
+                except Exception as exc:  # the broker restarting: restore before the next batch instead
+                    if classify(exc) != "transient":
+                        raise
+                    logger.warning("%s: table restore failed (%s); retrying before the next batch", worker.name, exc)
+                    worker.counter.streams.clear()
+                    worker.restore_pending()
 
         self.consumer.subscribe([self.input_topic], listener=Restore())
 

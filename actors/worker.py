@@ -198,7 +198,15 @@ class StageWorker:
                 limit = cfg.batch_size
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.counters["records_in"])
-                polled = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
+                try:
+                    polled = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
+                except Exception as exc:  # the broker restarting, or a rebalance callback that met it
+                    if classify(exc) != "transient":
+                        raise
+                    self.last_error = f"{type(exc).__name__}: {exc} (polling)"
+                    logger.warning("%s: poll failed (%s); retrying", self.name, self.last_error)
+                    self._stop.wait(self.backoff.failed())
+                    continue
                 records = [r for batch in polled.values() for r in batch]
                 self.ready = True
                 if not records:
@@ -279,6 +287,10 @@ class StageWorker:
             return False
         self.batch_done(records)
         return True
+
+    def restore_pending(self) -> None:
+        """In-memory state must be rebuilt (``on_rewind``) before the next batch is processed."""
+        self._needs_rewind_hook = True
 
     def batch_done(self, records: list[Any]) -> None:
         """The batch and its outputs are durable: publish its effects to stats.

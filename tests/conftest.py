@@ -85,9 +85,19 @@ def race(shared_dir: Path) -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: all bound at once, so two calls cannot hand out the same one."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +128,8 @@ def private_broker(state_dir: Path) -> Iterator[Any]:
     from pipeline.config import BrokerConfig
     from pipeline.errors import BrokerError
 
-    broker = KafkaBroker(BrokerConfig(port=free_port(), controller_port=free_port(), state_dir=str(state_dir), heap="512m"))
+    port, controller_port = free_ports(2)
+    broker = KafkaBroker(BrokerConfig(port=port, controller_port=controller_port, state_dir=str(state_dir), heap="512m"))
     try:
         broker.start()
     except BrokerError as exc:

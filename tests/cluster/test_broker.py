@@ -10,7 +10,7 @@ from cluster.broker import KafkaBroker, server_properties
 from cluster.clients import check_broker
 from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError
-from tests.conftest import free_port
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.kafka
 
@@ -27,7 +27,8 @@ def test_server_properties_advertise_the_configured_host(tmp_path: Path) -> None
 
 
 def test_broker_starts_answers_reports_running_and_stops(tmp_path: Path) -> None:
-    cfg = BrokerConfig(port=free_port(), controller_port=free_port(), state_dir=str(tmp_path / "kafka"), heap="384m")
+    port, controller_port = free_ports(2)
+    cfg = BrokerConfig(port=port, controller_port=controller_port, state_dir=str(tmp_path / "kafka"), heap="384m")
     broker = KafkaBroker(cfg)
     assert "kafka-jars-" in str(broker.install())  # resolved by Maven (once, then cached)
     status = broker.start()
