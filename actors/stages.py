@@ -192,7 +192,7 @@ def read_table(settings: Any) -> dict[str, dict[str, Any]]:
         "max_json_bytes": max(settings.decoding.max_json_bytes, settings.kafka.max_message_bytes)
     }
     limits = DecodeLimits(**decoding)
-    for r in read_all(settings.kafka, settings.topics.counts_changelog.name):
+    for r in read_all(settings.kafka, settings.topics.counts_changelog.name, settled=True):
         key = r.key.decode(errors="replace") if r.key else ""
         if r.value is None:
             table.pop(key, None)

@@ -19,8 +19,13 @@ from pipeline.errors import BrokerError
 __all__ = ["read_all", "end_offsets", "records_in_range", "group_lag"]
 
 
-def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]:
-    """Every record of a topic, from the beginning to the current end, with a group-less consumer.
+def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0, settled: bool = False) -> list[Any]:
+    """Every committed record of a topic, from the beginning to the current end, with a group-less consumer.
+
+    ``settled``: read to the end of every transaction already written, waiting for open ones to
+    commit or abort. A committed-only reader's end is otherwise the first open transaction, and a
+    state restore must not miss a snapshot whose input offsets are already committed (the
+    transaction's markers reach the offsets topic and the changelog one after the other).
 
     Raises:
         BrokerError: the topic could not be read to its end within ``timeout_s``.
@@ -32,7 +37,7 @@ def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]
             return []
         consumer.assign(tps)
         consumer.seek_to_beginning(*tps)
-        ends = consumer.end_offsets(tps)
+        ends = _written_ends(cfg, tps) if settled else consumer.end_offsets(tps)
         records: list[Any] = []
         deadline = time.monotonic() + timeout_s
         while any(consumer.position(tp) < ends[tp] for tp in tps):
@@ -43,6 +48,15 @@ def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0) -> list[Any]
         return records
     finally:
         consumer.close()
+
+
+def _written_ends(cfg: KafkaConfig, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """End offsets including open transactions' records (the high watermark, not the stable offset)."""
+    probe = make_consumer(cfg, group_id=None, isolation_level="read_uncommitted")
+    try:
+        return dict(probe.end_offsets(tps))
+    finally:
+        probe.close()
 
 
 def end_offsets(consumer: KafkaConsumer, topic: str) -> dict[TopicPartition, int]:

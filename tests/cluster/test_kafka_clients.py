@@ -97,3 +97,29 @@ def test_unreachable_broker_fails_fast_with_its_address() -> None:
     cfg = KafkaConfig(bootstrap_servers="127.0.0.1:1", connect_timeout_s=3)
     with pytest.raises(BrokerError, match=r"127\.0\.0\.1:1 \(waited 3s\)"):  # the bounded wait, not the client's default
         make_admin(cfg)
+
+
+def test_a_settled_read_waits_for_an_open_transaction_a_committed_read_does_not(kafka_bootstrap: str) -> None:
+    """A state restore must not miss a snapshot whose transaction is committing right now."""
+    import threading
+
+    from cluster.clients import finish_transaction
+    from cluster.reading import read_all
+
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    topic = f"settled-{uuid.uuid4().hex[:6]}"
+    create_topics(cfg, [TopicSpec(name=topic, partitions=1)])
+    producer = make_producer(cfg, transactional_id=f"tx-{topic}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    producer.send(topic, key=b"k", value=b"snapshot").get(timeout=30)
+    assert read_all(cfg, topic) == []  # committed-only, up to the open transaction: returns at once
+    settled: list[list[bytes]] = []
+    reader = threading.Thread(target=lambda: settled.append([r.value for r in read_all(cfg, topic, timeout_s=30, settled=True)]))
+    reader.start()
+    time.sleep(2)
+    assert reader.is_alive(), "a settled read returned while a transaction was open"
+    finish_transaction(producer, commit=True)
+    reader.join(timeout=30)
+    producer.close()
+    assert settled == [[b"snapshot"]]
