@@ -256,9 +256,9 @@ class TrackingConfig(_Frozen):
     hysteresis: float = Field(0.01, ge=0, lt=0.5)
     """A track's side of a line changes only once its anchor is this far past the line (fraction of the
     frame diagonal), so a box jittering on the line is not counted again."""
-    moving_threshold: float = Field(0.05, gt=0, le=1)
+    moving_threshold: float = Field(0.03, gt=0, le=1)
     """A track is moving traffic once its anchor moved this far (fraction of the frame diagonal) ..."""
-    moving_window_s: float = Field(2.0, gt=0)
+    moving_window_s: float = Field(4.0, gt=0)
     """... within this long; parked vehicles never become moving, and only moving ones are counted on lines."""
     lines: tuple[CountingLine, ...] = ()
     """Counting lines; each applies to the streams it names ("*" for all)."""

@@ -5,14 +5,18 @@ holding a shared ``KalmanFilter``, enum states, float32 arrays) with no public w
 to save or restore it, and its lost-track buffer counts *calls* (frames), so a
 dropped frame or another frame rate changes what it keeps. The count stage must
 put the tracker into its changelog snapshot and resume with the same ids and
-the same future outputs, so this module keeps the algorithm (Kalman filter on
-``(x, y, aspect, height)``, two-stage association of high then low confidence
-boxes, Hungarian matching on IoU) and makes its state explicit:
+the same future outputs, so this module keeps the algorithm (two-stage
+association of high then low confidence boxes, Hungarian matching on IoU, a
+constant-velocity Kalman filter) and makes its state explicit:
 
-* time is the frames' capture time in seconds: the Kalman filter predicts over
-  the real interval and the track buffer is ``track_buffer_s`` of capture time;
-* the Kalman covariance of ByteTrack's filter is block diagonal (every matrix in it
-  is, per coordinate), so a track stores 20 floats instead of 8 + 64;
+* the filter runs on ``(x, y, w, h)`` like BoT-SORT's (without its appearance and
+  camera-motion parts), not on ByteTrack's ``(x, y, aspect, h)``: a box cut by the
+  frame edge changes its aspect fast, which ByteTrack's filter all but forbids, so a
+  vehicle entering the frame lost its track (a synthetic test showed it);
+* time is the frames' capture time in seconds: the filter predicts over the real
+  interval and the track buffer is ``track_buffer_s`` of capture time;
+* the filter's covariance is block diagonal (every matrix in it is, per coordinate),
+  so a track stores 20 floats instead of 8 + 64;
 * ids come from a counter in the state, one tracker per stream, never global;
 * everything is float64 and JSON round-trips floats exactly, so a restored
   tracker continues bit for bit like one that never stopped.
@@ -38,7 +42,7 @@ STATE_VERSION = 1
 
 TrackStatus = Literal["tentative", "tracked", "lost"]
 
-# ByteTrack's Kalman noise, tuned per frame at 30 frames/s (MOT17); scaled here to seconds.
+# ByteTrack's / BoT-SORT's Kalman noise weights, tuned per frame at 30 frames/s (MOT17); scaled here to seconds.
 _REFERENCE_FPS = 30.0
 _POSITION_WEIGHT = 1.0 / 20
 _VELOCITY_WEIGHT = 1.0 / 160
@@ -49,30 +53,30 @@ _TENTATIVE_MAX_COST = 0.7
 _DUPLICATE_IOU = 0.85
 
 
-def _position_std(height: float, aspect_std: float = 1e-2) -> np.ndarray:
-    """Std of (x, y, aspect, height) for a box of this height: ByteTrack's weights (aspect has a fixed std)."""
-    h = _POSITION_WEIGHT * height
-    return np.asarray([h, h, aspect_std, h])
+def _position_std(size: np.ndarray) -> np.ndarray:
+    """Std of (x, y, w, h) for a box of this (w, h): x and w scale with the width, y and h with the height."""
+    w, h = float(size[0]), float(size[1])
+    return _POSITION_WEIGHT * np.asarray([w, h, w, h])
 
 
-def _velocity_std(height: float) -> np.ndarray:
-    """Std of the per-second velocity of (x, y, aspect, height): ByteTrack's per-frame weights times its frame rate."""
-    h = _VELOCITY_WEIGHT * height
-    return _REFERENCE_FPS * np.asarray([h, h, 1e-5, h])
+def _velocity_std(size: np.ndarray) -> np.ndarray:
+    """Std of the per-second velocity of (x, y, w, h): the per-frame weight times the reference frame rate."""
+    w, h = float(size[0]), float(size[1])
+    return _REFERENCE_FPS * _VELOCITY_WEIGHT * np.asarray([w, h, w, h])
 
 
-def xyxy_to_xyah(xyxy: np.ndarray) -> np.ndarray:
+def xyxy_to_xywh(xyxy: np.ndarray) -> np.ndarray:
+    """Corners to centre, width, height."""
     xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4)
-    w = xyxy[:, 2] - xyxy[:, 0]
+    w = np.maximum(xyxy[:, 2] - xyxy[:, 0], 1e-6)
     h = np.maximum(xyxy[:, 3] - xyxy[:, 1], 1e-6)
-    return np.stack([xyxy[:, 0] + w / 2, xyxy[:, 1] + h / 2, w / h, h], axis=1)
+    return np.stack([xyxy[:, 0] + w / 2, xyxy[:, 1] + h / 2, w, h], axis=1)
 
 
-def xyah_to_xyxy(xyah: np.ndarray) -> np.ndarray:
-    xyah = np.asarray(xyah, dtype=np.float64).reshape(-1, 4)
-    w = xyah[:, 2] * xyah[:, 3]
-    h = xyah[:, 3]
-    return np.stack([xyah[:, 0] - w / 2, xyah[:, 1] - h / 2, xyah[:, 0] + w / 2, xyah[:, 1] + h / 2], axis=1)
+def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
+    xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
+    half_w, half_h = xywh[:, 2] / 2, xywh[:, 3] / 2
+    return np.stack([xywh[:, 0] - half_w, xywh[:, 1] - half_h, xywh[:, 0] + half_w, xywh[:, 1] + half_h], axis=1)
 
 
 @dataclass
@@ -107,7 +111,7 @@ class Track:
         return self.class_ids.get(self.label, -1)
 
     def xyxy(self) -> np.ndarray:
-        return xyah_to_xyxy(np.asarray(self.x))[0]
+        return xywh_to_xyxy(np.asarray(self.x))[0]
 
     def vote(self, label: str, class_id: int) -> None:
         self.votes[label] = self.votes.get(label, 0) + 1
@@ -153,15 +157,13 @@ class Track:
 
 
 def _new_track(xyxy: np.ndarray, score: float, label: str, class_id: int, ts: float) -> Track:
-    xyah = xyxy_to_xyah(xyxy)[0]
-    pos_std = 2 * _position_std(float(xyah[3]))
-    pos_std[2] = 1e-2
-    vel_std = 10 * _velocity_std(float(xyah[3]))
-    vel_std[2] = _REFERENCE_FPS * 1e-5
+    xywh = xyxy_to_xywh(xyxy)[0]
+    pos_std = 2 * _position_std(xywh[2:])
+    vel_std = 10 * _velocity_std(xywh[2:])
     track = Track(
         track_id=0,
         status="tentative",
-        x=[float(c) for c in xyah],
+        x=[float(c) for c in xywh],
         v=[0.0, 0.0, 0.0, 0.0],
         p_xx=[float(c) for c in pos_std**2],
         p_xv=[0.0, 0.0, 0.0, 0.0],
@@ -176,17 +178,17 @@ def _new_track(xyxy: np.ndarray, score: float, label: str, class_id: int, ts: fl
 
 
 def _predict(track: Track, dt: float) -> None:
-    """Constant-velocity prediction over ``dt`` seconds; a lost track's height stops changing (ByteTrack)."""
+    """Constant-velocity prediction over ``dt`` seconds; a lost track's size stops changing (BoT-SORT)."""
     if dt <= 0:
         return
     x = np.asarray(track.x)
     v = np.asarray(track.v)
     if track.status != "tracked":
-        v[3] = 0.0
+        v[2] = v[3] = 0.0
     p_xx, p_xv, p_vv = np.asarray(track.p_xx), np.asarray(track.p_xv), np.asarray(track.p_vv)
     frames = dt * _REFERENCE_FPS  # process noise grows with time, calibrated per reference frame
-    q_x = _position_std(float(x[3])) ** 2 * frames
-    q_v = _velocity_std(float(x[3])) ** 2 * frames
+    q_x = _position_std(x[2:]) ** 2 * frames
+    q_v = _velocity_std(x[2:]) ** 2 * frames
     x = x + v * dt
     p_xx, p_xv, p_vv = p_xx + 2 * dt * p_xv + dt * dt * p_vv + q_x, p_xv + dt * p_vv, p_vv + q_v
     track.x, track.v = x.tolist(), v.tolist()
@@ -194,11 +196,11 @@ def _predict(track: Track, dt: float) -> None:
 
 
 def _correct(track: Track, xyxy: np.ndarray) -> None:
-    """Kalman update with a measured box; measurement noise scales with the predicted height (ByteTrack)."""
-    z = xyxy_to_xyah(xyxy)[0]
+    """Kalman update with a measured box; measurement noise scales with the predicted size."""
+    z = xyxy_to_xywh(xyxy)[0]
     x, v = np.asarray(track.x), np.asarray(track.v)
     p_xx, p_xv, p_vv = np.asarray(track.p_xx), np.asarray(track.p_xv), np.asarray(track.p_vv)
-    r = _position_std(float(x[3]), aspect_std=1e-1) ** 2
+    r = _position_std(x[2:]) ** 2
     s = p_xx + r
     gain_x, gain_v = p_xx / s, p_xv / s
     innovation = z - x

@@ -216,11 +216,11 @@ def test_class_is_the_most_frequent_label() -> None:
 
 
 def test_a_vehicle_standing_still_keeps_its_id() -> None:
-    v = Vehicle((0.5, 0.5), (0.5, 0.5), 0.0, 20.0)
+    v = Vehicle.straight((0.5, 0.5), (0.5, 0.5), 0.0, 20.0)
     frames = [(f.detections, f.meta.capture_ts) for f in render_one(v, Noise(jitter_px=1.0, miss_rate=0.1, seed=3))]
     out = run(ByteTracker(CONFIG), frames)
     assert {int(i) for o in out for i in o.track_id} == {1}
 
 
 def render_one(vehicle: Vehicle, noise: Noise) -> list[Any]:
-    return render(Scene([vehicle], duration=vehicle.t_end), noise)
+    return render(Scene([vehicle], duration=vehicle.path[-1][0]), noise)

@@ -1,8 +1,7 @@
 """Synthetic traffic with known answers: vehicles on straight paths, rendered as per-frame detections.
 
-Each ``Vehicle`` moves its anchor (bottom-centre of its box, normalised) from
-``start`` to ``end`` between ``t_start`` and ``t_end``; ground truth follows
-from the geometry (``true_crossings``), so a scene is a row in a table:
+Each ``Vehicle`` moves its anchor (bottom-centre of its box, normalised) along
+a timed polyline; ground truth follows from the geometry (``true_crossings``), so a scene is a row in a table:
 scene, expected counts. ``render`` adds the trouble real streams have: jitter,
 occlusion gaps, missed and false boxes, dropped frames, boxes cut by the frame edge.
 """
@@ -13,6 +12,7 @@ import random
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,12 +29,13 @@ CLASS_IDS = {"bicycle": 1, "car": 2, "motorcycle": 3, "bus": 5, "truck": 7, "per
 
 @dataclass(frozen=True)
 class Vehicle:
-    """A vehicle whose anchor moves in a straight line at constant speed, or stands still (start == end)."""
+    """A vehicle whose anchor (bottom-centre of its box, normalised) follows a polyline in time.
 
-    start: tuple[float, float]
-    end: tuple[float, float]
-    t_start: float
-    t_end: float
+    ``path`` is ``((t, x, y), ...)`` with increasing t; between points it moves at constant
+    speed, and two points with the same x, y make it stand still.
+    """
+
+    path: tuple[tuple[float, float, float], ...]
     label: str = "car"
     size: tuple[float, float] = (40.0, 30.0)
     """Box width and height in pixels."""
@@ -42,11 +43,18 @@ class Vehicle:
     """Time intervals in which the model does not see it (occlusion)."""
     confidence: float = 0.8
 
+    @classmethod
+    def straight(cls, start: tuple[float, float], end: tuple[float, float], t_start: float, t_end: float, **kw: Any) -> Vehicle:
+        return cls(((t_start, *start), (t_end, *end)), **kw)
+
     def anchor_at(self, t: float) -> tuple[float, float] | None:
-        if not self.t_start <= t <= self.t_end:
+        if not self.path[0][0] <= t <= self.path[-1][0]:
             return None
-        f = 0.0 if self.t_end == self.t_start else (t - self.t_start) / (self.t_end - self.t_start)
-        return (self.start[0] + f * (self.end[0] - self.start[0]), self.start[1] + f * (self.end[1] - self.start[1]))
+        for (t0, x0, y0), (t1, x1, y1) in zip(self.path, self.path[1:], strict=False):
+            if t0 <= t <= t1:
+                f = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+                return (x0 + f * (x1 - x0), y0 + f * (y1 - y0))
+        return (self.path[-1][1], self.path[-1][2])
 
     def box_at(self, t: float, width: int, height: int) -> list[float] | None:
         """The visible part of the box (clipped to the frame), or None when hidden or outside."""
@@ -114,12 +122,21 @@ def render(scene: Scene, noise: Noise = Noise()) -> list[FrameDetections]:
 
 
 def true_crossings(vehicles: Sequence[Vehicle], line: CountingLine, width: int = WIDTH, height: int = HEIGHT) -> Counter[str]:
-    """Ground truth: ``{"in": n, "out": m}`` from each vehicle's whole straight path."""
+    """Ground truth: ``{"in": n, "out": m}``, at most one per vehicle and direction.
+
+    A crossing is a change of side between two path points (points exactly on the line
+    do not decide a side) whose connecting move passes through the line segment.
+    """
     geometry = LineGeometry(line, width, height)
     out: Counter[str] = Counter()
     for v in vehicles:
-        if v.start != v.end and segments_intersect(v.start, v.end, line.start, line.end):
-            out["in" if geometry.signed_distance(v.end) > 0 else "out"] += 1
+        decided = [(x, y) for _, x, y in v.path if geometry.signed_distance((x, y)) != 0]
+        seen: set[str] = set()
+        for a, b in zip(decided, decided[1:], strict=False):
+            side_a, side_b = geometry.signed_distance(a) > 0, geometry.signed_distance(b) > 0
+            if side_a != side_b and segments_intersect(a, b, line.start, line.end):
+                seen.add("in" if side_b else "out")
+        out.update(seen)
     return out
 
 
@@ -135,7 +152,7 @@ def highway(seed: int, vehicles_per_direction: int = 20, duration: float = 40.0)
             y0, y1 = (1.1, -0.05) if direction == "up" else (-0.05, 1.1)
             label = "truck" if rng.random() < 0.15 else "car"
             size = (70.0, 60.0) if label == "truck" else (44.0, 34.0)
-            vehicles.append(Vehicle((x, y0), (x, y1), t0, t0 + travel, label=label, size=size))
-    for x in (0.08, 0.92):  # parked on the shoulders, beside the line
-        vehicles.append(Vehicle((x, 0.61), (x, 0.61), 0.0, duration))
+            vehicles.append(Vehicle.straight((x, y0), (x, y1), t0, t0 + travel, label=label, size=size))
+    for x in (0.08, 0.92):  # parked on the shoulders, on the line
+        vehicles.append(Vehicle.straight((x, 0.6), (x, 0.6), 0.0, duration))
     return Scene(vehicles, fps=25.0, duration=duration, stream_id=f"highway-{seed}")
