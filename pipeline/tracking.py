@@ -111,7 +111,8 @@ class Track:
         return self.class_ids.get(self.label, -1)
 
     def xyxy(self) -> np.ndarray:
-        return xywh_to_xyxy(np.asarray(self.x))[0]
+        box: np.ndarray = xywh_to_xyxy(np.asarray(self.x))[0]
+        return box
 
     def vote(self, label: str, class_id: int) -> None:
         self.votes[label] = self.votes.get(label, 0) + 1
@@ -368,11 +369,7 @@ class ByteTracker:
                 seen.add(id(track))
             kept_tentative.append(track)
 
-        alive = [
-            t
-            for t in confirmed
-            if t.status == "tracked" or capture_ts - t.last_seen_ts <= cfg.track_buffer_s
-        ]
+        alive = [t for t in confirmed if t.status == "tracked" or capture_ts - t.last_seen_ts <= cfg.track_buffer_s]
         alive += [tentative[ti] for ti, _ in pairs]
         alive += kept_tentative
         self.tracks = _drop_duplicates(alive)

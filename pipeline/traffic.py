@@ -329,7 +329,9 @@ class StreamTraffic:
         """Track one in-order frame and update the counts."""
         meta = frame.meta
         detections = frame.detections
-        detections = suppress_duplicates(detections.filter(np.asarray([label in self.labels for label in detections.labels], dtype=bool)))
+        detections = suppress_duplicates(
+            detections.filter(np.asarray([label in self.labels for label in detections.labels], dtype=bool))
+        )
         tracked = self.tracker.update(detections, meta.capture_ts, meta.width, meta.height)
         self.frames_applied += 1
         cfg = self.config

@@ -48,7 +48,12 @@ def play(steps: list[Step], wait_s: float = 1.0, max_frames: int = 8) -> tuple[l
         # ... or too late: it was stepped over and is refused
         ([("push", 0, 0.0), ("push", 2, 0.1), ("tick", 0, 2.0), ("push", 1, 2.1)], [0, 2], [1], ["buffered"] * 2 + ["late"]),
         # redelivered frames change nothing
-        ([("push", 0, 0.0), ("push", 0, 0.1), ("push", 2, 0.2), ("push", 2, 0.3)], [0], [], ["buffered", "late", "buffered", "duplicate"]),
+        (
+            [("push", 0, 0.0), ("push", 0, 0.1), ("push", 2, 0.2), ("push", 2, 0.3)],
+            [0],
+            [],
+            ["buffered", "late", "buffered", "duplicate"],
+        ),
         # the producer said frame 1 will never come: no waiting for it
         ([("skip", 1, 0), ("push", 0, 0.0), ("push", 2, 0.1)], [0, 2], [1], ["buffered"] * 2),
         ([("skip", 1, 0), ("push", 1, 0.0)], [], [], ["late"]),

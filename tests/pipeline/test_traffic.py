@@ -89,8 +89,14 @@ def test_anchor_is_bottom_centre_of_the_visible_box() -> None:
     [
         ({"name": "a", "start": [0.25, 0.6], "end": [1.0, 0.6]}, DoesNotRaise()),
         ({"name": "a", "start": [0.5, 0.0], "end": [0.5, 1.0], "in_direction": "left"}, DoesNotRaise()),
-        ({"name": "a", "start": [0.5, 0.0], "end": [0.5, 1.0], "in_direction": "up"}, pytest.raises(ValidationError, match="vertical")),
-        ({"name": "a", "start": [0.0, 0.5], "end": [1.0, 0.5], "in_direction": "right"}, pytest.raises(ValidationError, match="horizontal")),
+        (
+            {"name": "a", "start": [0.5, 0.0], "end": [0.5, 1.0], "in_direction": "up"},
+            pytest.raises(ValidationError, match="vertical"),
+        ),
+        (
+            {"name": "a", "start": [0.0, 0.5], "end": [1.0, 0.5], "in_direction": "right"},
+            pytest.raises(ValidationError, match="horizontal"),
+        ),
         ({"name": "a", "start": [0.2, 0.2], "end": [0.2, 0.2]}, pytest.raises(ValidationError, match="same start and end")),
         ({"name": "a", "start": [0.2, 1.2], "end": [0.4, 0.2]}, pytest.raises(ValidationError, match=r"\[0, 1\]")),
         ({"name": "a", "start": [0.2, 0.2], "end": [0.4, 0.2], "in_direction": "north"}, pytest.raises(ValidationError)),
@@ -148,9 +154,19 @@ CLEAN_SCENES: list[tuple[str, list[Vehicle], dict[str, int], dict[str, int]]] = 
         {"unique": 3, "moving": 2, "stationary": 1},
     ),
     ("two cars side by side", [up(0.47), up(0.53)], {"in": 2}, {"unique": 2, "moving": 2}),
-    ("one overtakes the other at the line", [up(0.45, seconds=4.0), up(0.515, t0=0.6, seconds=2.2)], {"in": 2}, {"unique": 2, "moving": 2}),
+    (
+        "one overtakes the other at the line",
+        [up(0.45, seconds=4.0), up(0.515, t0=0.6, seconds=2.2)],
+        {"in": 2},
+        {"unique": 2, "moving": 2},
+    ),
     ("occluded while crossing", [up(0.5, hidden=((1.1, 1.8),))], {"in": 1}, {"unique": 1, "moving": 1}),
-    ("slow cyclist", [Vehicle.straight((0.6, 0.8), (0.6, 0.4), 0.0, 10.0, label="bicycle", size=(16.0, 30.0))], {"in": 1}, {"unique": 1, "moving": 1}),
+    (
+        "slow cyclist",
+        [Vehicle.straight((0.6, 0.8), (0.6, 0.4), 0.0, 10.0, label="bicycle", size=(16.0, 30.0))],
+        {"in": 1},
+        {"unique": 1, "moving": 1},
+    ),
     ("truck", [up(0.5, label="truck", size=(90.0, 120.0))], {"in": 1}, {"unique": 1, "moving": 1}),
     ("enters and leaves at the frame's right edge", [up(0.99)], {"in": 1}, {"unique": 1, "moving": 1}),
     (
@@ -169,7 +185,9 @@ CLEAN_SCENES: list[tuple[str, list[Vehicle], dict[str, int], dict[str, int]]] = 
 
 
 @pytest.mark.parametrize(("name", "vehicles", "expected", "totals"), CLEAN_SCENES, ids=[s[0] for s in CLEAN_SCENES])
-def test_clean_scenes_are_counted_exactly(name: str, vehicles: list[Vehicle], expected: dict[str, int], totals: dict[str, int]) -> None:
+def test_clean_scenes_are_counted_exactly(
+    name: str, vehicles: list[Vehicle], expected: dict[str, int], totals: dict[str, int]
+) -> None:
     assert dict(true_crossings(vehicles, GATE)) == expected  # the scene means what its name says
     frames = render(Scene(vehicles, duration=max(v.path[-1][0] for v in vehicles)))
     traffic = count(frames)
@@ -327,6 +345,8 @@ def test_only_configured_labels_are_tracked() -> None:
 
 
 def test_suppress_duplicates_keeps_the_more_confident_box() -> None:
-    d = mock_detections([[0, 0, 40, 30], [1, 0, 41, 30], [100, 0, 140, 30]], confidence=[0.36, 0.38, 0.5], labels=["truck", "car", "car"])
+    d = mock_detections(
+        [[0, 0, 40, 30], [1, 0, 41, 30], [100, 0, 140, 30]], confidence=[0.36, 0.38, 0.5], labels=["truck", "car", "car"]
+    )
     kept = suppress_duplicates(d)
     assert kept.labels == ("car", "car") and kept.confidence.tolist() == pytest.approx([0.38, 0.5])

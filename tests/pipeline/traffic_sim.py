@@ -8,6 +8,7 @@ occlusion gaps, missed and false boxes, dropped frames, boxes cut by the frame e
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -100,7 +101,7 @@ def render(scene: Scene, noise: Noise = Noise()) -> list[FrameDetections]:
     """Per-frame detections of a scene, in frame order; dropped frames are left out (their index is missing)."""
     rng = random.Random(noise.seed)
     frames: list[FrameDetections] = []
-    for index in range(int(round(scene.duration * scene.fps))):
+    for index in range(round(scene.duration * scene.fps)):
         t = index / scene.fps
         records = []
         for v in scene.vehicles:
@@ -109,7 +110,11 @@ def render(scene: Scene, noise: Noise = Noise()) -> list[FrameDetections]:
                 continue
             if noise.jitter_px:
                 box = [c + rng.gauss(0.0, noise.jitter_px) for c in box]
-            conf = min(max(v.confidence + rng.gauss(0.0, noise.confidence_std), 0.05), 0.99) if noise.confidence_std else v.confidence
+            conf = (
+                min(max(v.confidence + rng.gauss(0.0, noise.confidence_std), 0.05), 0.99)
+                if noise.confidence_std
+                else v.confidence
+            )
             records.append({"label": v.label, "class_id": CLASS_IDS[v.label], "confidence": conf, "box": box})
         if rng.random() < noise.false_rate:
             x, y = rng.uniform(0, scene.width - 40), rng.uniform(0, scene.height - 30)
@@ -132,7 +137,7 @@ def true_crossings(vehicles: Sequence[Vehicle], line: CountingLine, width: int =
     for v in vehicles:
         decided = [(x, y) for _, x, y in v.path if geometry.signed_distance((x, y)) != 0]
         seen: set[str] = set()
-        for a, b in zip(decided, decided[1:], strict=False):
+        for a, b in itertools.pairwise(decided):
             side_a, side_b = geometry.signed_distance(a) > 0, geometry.signed_distance(b) > 0
             if side_a != side_b and segments_intersect(a, b, line.start, line.end):
                 seen.add("in" if side_b else "out")
