@@ -112,8 +112,12 @@ def match(cost: np.ndarray, max_cost: float) -> tuple[list[tuple[int, int]], lis
     if rows == 0 or cols == 0:
         return [], list(range(rows)), list(range(cols))
     allowed = cost <= max_cost
-    guarded = np.where(allowed, cost, _FORBIDDEN)
-    matches = [(r, c) for r, c in linear_assignment(guarded) if allowed[r, c]]
+    if (allowed.sum(axis=1) <= 1).all() and (allowed.sum(axis=0) <= 1).all():
+        # No two allowed pairs compete (the usual case: boxes overlap one track each): take them all.
+        matches = [(int(r), int(c)) for r, c in zip(*np.nonzero(allowed), strict=True)]
+    else:
+        guarded = np.where(allowed, cost, _FORBIDDEN)
+        matches = [(r, c) for r, c in linear_assignment(guarded) if allowed[r, c]]
     matched_rows = {r for r, _ in matches}
     matched_cols = {c for _, c in matches}
     return (

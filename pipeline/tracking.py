@@ -73,12 +73,6 @@ def xyxy_to_xywh(xyxy: np.ndarray) -> np.ndarray:
     return np.stack([xyxy[:, 0] + w / 2, xyxy[:, 1] + h / 2, w, h], axis=1)
 
 
-def xywh_to_xyxy(xywh: np.ndarray) -> np.ndarray:
-    xywh = np.asarray(xywh, dtype=np.float64).reshape(-1, 4)
-    half_w, half_h = xywh[:, 2] / 2, xywh[:, 3] / 2
-    return np.stack([xywh[:, 0] - half_w, xywh[:, 1] - half_h, xywh[:, 0] + half_w, xywh[:, 1] + half_h], axis=1)
-
-
 @dataclass
 class Track:
     """One tracked object; every field is plain data so the tracker state is JSON as it is.
@@ -110,9 +104,13 @@ class Track:
     def class_id(self) -> int:
         return self.class_ids.get(self.label, -1)
 
+    def corners(self) -> list[float]:
+        """The filter's box as ``[x1, y1, x2, y2]`` (plain floats: this runs for every track in every stage)."""
+        x, y, w, h = self.x
+        return [x - w / 2, y - h / 2, x + w / 2, y + h / 2]
+
     def xyxy(self) -> np.ndarray:
-        box: np.ndarray = xywh_to_xyxy(np.asarray(self.x))[0]
-        return box
+        return np.asarray(self.corners(), dtype=np.float64)
 
     def vote(self, label: str, class_id: int) -> None:
         self.votes[label] = self.votes.get(label, 0) + 1
@@ -260,7 +258,7 @@ class TrackedObjects:
 
     @classmethod
     def from_tracks(cls, tracks: list[Track], width: int, height: int) -> TrackedObjects:
-        xyxy = np.asarray([t.xyxy() for t in tracks], dtype=np.float64).reshape(-1, 4)
+        xyxy = _boxes(tracks)
         xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, width)
         xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, height)
         return cls(
@@ -274,7 +272,7 @@ class TrackedObjects:
 
 
 def _boxes(tracks: list[Track]) -> np.ndarray:
-    return np.asarray([t.xyxy() for t in tracks], dtype=np.float64).reshape(-1, 4)
+    return np.asarray([t.corners() for t in tracks], dtype=np.float64).reshape(-1, 4)
 
 
 class ByteTracker:
