@@ -88,7 +88,11 @@ def suppress_duplicates(detections: Detections, iou: float = _DUPLICATE_IOU) -> 
 
 @dataclass(frozen=True)
 class Crossing:
-    """One counted line crossing."""
+    """One counted line crossing.
+
+    ``frame_index`` and ``capture_ts`` are of the frame in which it was counted: a crossing made before
+    its track was confirmed and moving is counted (once) when the track qualifies.
+    """
 
     line: str
     direction: Direction
@@ -198,6 +202,7 @@ class TrafficUpdate:
 
     stream_id: str
     frame_index: int
+    """The incoming frame's index; -1 for a ``flush`` or end of stream."""
     pushed: Pushed
     frames_applied: list[int]
     frames_stepped_over: list[int]
@@ -302,6 +307,7 @@ class StreamTraffic:
         return self._release(-1, "buffered", now, flush=end)
 
     def end_of_stream(self, eos: EndOfStream, now: float) -> TrafficUpdate:
+        """No more frames will come: apply everything still waiting, stepping over the gaps."""
         return self.flush(now, end=True)
 
     def _release(self, frame_index: int, pushed: Pushed, clock: float, *, flush: bool) -> TrafficUpdate:
