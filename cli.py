@@ -169,13 +169,19 @@ def status(
 
 
 @app.command()
-def counts(as_json: Annotated[bool, typer.Option("--json", help="Print the raw table as JSON.")] = False) -> None:
+def counts(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON (each stream's snapshot, less the tracker's resume state).")
+    ] = False,
+) -> None:
     """Print the current vehicle table (read from its changelog topic)."""
     from actors.stages import read_table
+    from pipeline.count_table import readable, traffic_figures
+    from pipeline.stats import traffic_line
 
     table = read_table(settings())
     if as_json:
-        echo_json(table)
+        echo_json({sid: readable(state) for sid, state in table.items()})
         return
     if not table:
         typer.echo("the count table is empty")
@@ -184,7 +190,11 @@ def counts(as_json: Annotated[bool, typer.Option("--json", help="Print the raw t
         totals = ", ".join(f"{k}={v}" for k, v in sorted(state.get("totals", {}).items())) or "no vehicles"
         expected = state.get("frames_expected")
         done = "complete" if expected is not None and state.get("frames_applied", 0) >= expected else "running"
-        typer.echo(f"{stream_id}: {totals} ({state.get('frames_applied', 0)} frames, {done})")
+        if "traffic" not in state:
+            typer.echo(f"{stream_id}: {totals} ({state.get('frames_applied', 0)} frames, {done})")
+            continue
+        typer.echo(f"{stream_id}: {traffic_line(traffic_figures(state))} ({state.get('frames_applied', 0)} frames, {done})")
+        typer.echo(f"  boxes counted over all frames: {totals}")
 
 
 @app.command()

@@ -24,6 +24,7 @@ from cluster.clients import check_broker
 from cluster.reading import group_lag
 from cluster.topics import create_topics
 from pipeline.config import Settings, TopicSpec
+from pipeline.count_table import traffic_figures
 from pipeline.crop import load_index
 from pipeline.detector import check_model, is_calibration
 from pipeline.errors import ConfigError, PipelineError
@@ -302,6 +303,8 @@ def summarise(
         crops_per_label=dict(sorted(Counter(e["label"] for e in crops).items())),
         crops_dir=str((Path(settings.output_dir) / "crops").resolve()),
         vehicles=vehicles,
+        box_counts=vehicles,
+        traffic={sid: traffic_figures(table.get(sid, {})) for sid in stream_ids} if settings.tracking.enabled else None,
         vehicle_totals=dict(sorted(sum((Counter(v) for v in vehicles.values()), Counter()).items())),
         wall_s=round(wall, 2),
         processing_s=round(processing_s, 3),

@@ -211,6 +211,9 @@ class TrafficUpdate:
     tracks_in_view: int
     counts: dict[str, Any]
     """``TrafficCounts.to_dict()`` after the applied frames (a copy: later frames do not change it)."""
+    tracks: dict[int, list[list[Any]]] = field(default_factory=dict)
+    """Per applied frame, its tracks as ``[track_id, label, x1, y1, x2, y2]`` (pixels, 0.1 px): what
+    ``vapipe annotate`` draws."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,6 +227,7 @@ class TrafficUpdate:
             "new_vehicles": self.new_vehicles,
             "tracks_in_view": self.tracks_in_view,
             **self.counts,
+            "tracks": {str(i): rows for i, rows in self.tracks.items()},
         }
 
 
@@ -232,6 +236,13 @@ def _shortest(values: np.ndarray) -> list[float]:
     if values.dtype == np.float32:
         return [float(str(v)) for v in values.ravel()]
     return [float(v) for v in values.ravel()]
+
+
+def _track_rows(tracked: TrackedObjects) -> list[list[Any]]:
+    """``[track_id, label, x1, y1, x2, y2]`` per track, boxes rounded to 0.1 px."""
+    return [
+        [int(tracked.track_id[i]), tracked.labels[i], *(round(float(c), 1) for c in tracked.xyxy[i])] for i in range(len(tracked))
+    ]
 
 
 def _frame_to_state(frame: FrameDetections) -> dict[str, Any]:
@@ -316,9 +327,11 @@ class StreamTraffic:
         crossings: list[Crossing] = []
         new_vehicles: Counter[str] = Counter()
         tracks_in_view = 0
-        for _, ready in released.items:
+        tracks: dict[int, list[list[Any]]] = {}
+        for index, ready in released.items:
             tracked = self._apply(ready, crossings, new_vehicles)
             tracks_in_view = len(tracked)
+            tracks[index] = _track_rows(tracked)
         return TrafficUpdate(
             stream_id=self.stream_id,
             frame_index=frame_index,
@@ -329,6 +342,7 @@ class StreamTraffic:
             new_vehicles=dict(sorted(new_vehicles.items())),
             tracks_in_view=tracks_in_view,
             counts=self.counts.to_dict(),
+            tracks=tracks,
         )
 
     def _apply(self, frame: FrameDetections, crossings: list[Crossing], new_vehicles: Counter[str]) -> TrackedObjects:
