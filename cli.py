@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from commands.annotate import annotate
 from commands.bench import bench_app, chaos
 from commands.common import SourceOpt, configure, echo_json, progress_printer, settings
 from commands.kafka import kafka_app, topics_app
@@ -32,6 +33,7 @@ app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(bench_app, name="bench")
 app.command("chaos")(chaos)
+app.command("annotate")(annotate)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file (default: built-in defaults, see configs/default.yaml).")
