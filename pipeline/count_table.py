@@ -26,7 +26,7 @@ from pipeline.counting import CountUpdate, StreamCounts, VehicleCounter
 from pipeline.messages import EndOfStream, FrameDetections
 from pipeline.traffic import TrafficCounter, TrafficUpdate
 
-__all__ = ["CountTable", "TRAFFIC_KEYS", "readable", "traffic_figures"]
+__all__ = ["CountTable", "TRAFFIC_KEYS", "comparable", "readable", "traffic_figures"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ def traffic_figures(snapshot: dict[str, Any]) -> dict[str, Any]:
     figures["frames_tracked"] = int(snapshot.get("frames_tracked", 0))
     figures["frames_stepped_over"] = int(snapshot.get("frames_stepped_over", 0))
     return figures
+
+
+def comparable(figures: dict[str, Any]) -> dict[str, Any]:
+    """The totals two runs of one input must agree on: ``stationary_vehicles`` is a gauge of the last frame, left out."""
+    return {k: v for k, v in figures.items() if k != "stationary_vehicles"}
 
 
 class _Streams(dict[str, StreamCounts]):

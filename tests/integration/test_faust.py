@@ -17,13 +17,16 @@ import pytest
 from actors.launcher import RunPlan
 from actors.stages import read_table
 from pipeline.config import Settings
+from pipeline.count_table import comparable
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
 from tests.conftest import ReferenceDetector, _missing
 from tests.integration.test_pipeline import (
+    TRACKING,
     assert_detections_and_crops_match_reference,
     detections_on_c,
     direct_vehicle_count,
+    one_process_traffic,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
@@ -90,8 +93,8 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
     faust_installed, ray_local, make_settings, highway: str, engine: str
 ) -> None:
     frames = 60
-    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
-    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
+    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE, **TRACKING)
+    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE, **TRACKING)
     all_ray = run(ray_settings, "ray", [f"hw={highway}"], inter=2)
     mixed = run(mixed_settings, engine, [f"hw={highway}"], inter=2, count=2)
 
@@ -102,11 +105,14 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
         assert got[key] == want[key], key
     assert mixed.vehicles == all_ray.vehicles == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
     assert mixed.crops_per_label == all_ray.crops_per_label
+    # Tracking: the count agent (Faust's or Ray's) tracks like one TrafficCounter over C in frame order.
+    assert mixed.traffic is not None and all_ray.traffic is not None
+    assert comparable(mixed.traffic["hw"]) == comparable(all_ray.traffic["hw"]) == one_process_traffic(mixed_settings, "hw")
 
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
     frames = 90
-    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE)
+    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE, **TRACKING)
     killed: list[str] = []
 
     def kill_the_owner(progress: Any) -> None:
@@ -129,6 +135,8 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
     assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_above"] == []
     # No frame counted twice: the totals equal a direct count of C's vehicles above 0.5.
     assert table["totals"] == summary.vehicles["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
+    # The tracker came back from the changelog too: the counts of one uninterrupted TrafficCounter.
+    assert summary.traffic is not None and comparable(summary.traffic["hw"]) == one_process_traffic(s, "hw")
 
 
 def test_compare_bench_runs_both_engines_and_writes_report(
