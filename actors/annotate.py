@@ -75,10 +75,13 @@ def _frames_on_b(settings: Settings, stream_id: str) -> dict[int, tuple[FrameDet
 
 
 def _fps(frames: list[FrameDetections]) -> float:
-    """The capture rate, from the median gap between capture times (10 if it cannot be told)."""
+    """The capture rate, from the median gap between capture times (10 if it cannot be told), within 1-60:
+    a stream published as fast as possible (``producer.fps: 0``) has gaps of a millisecond, and OpenCV's
+    writer refuses such rates."""
     gaps = sorted(b.meta.capture_ts - a.meta.capture_ts for a, b in pairwise(frames))
     gaps = [g for g in gaps if g > 0]
-    return round(1.0 / gaps[len(gaps) // 2], 3) if gaps else 10.0
+    rate = 1.0 / gaps[len(gaps) // 2] if gaps else 10.0
+    return round(min(max(rate, 1.0), 60.0), 3)
 
 
 def annotate_stream(

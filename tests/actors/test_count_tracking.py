@@ -1,4 +1,4 @@
-"""CountWorker with tracking on, driven directly (no broker): what one batch sends, and resuming from it."""
+"""CountWorker with tracking on: what one batch sends and resuming from it (driven directly, no broker); the idle flush (real broker)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from actors.stages import CountWorker
+import pytest
+
+from actors.stages import CountWorker, read_table
+from cluster.clients import make_producer
+from cluster.topics import create_topics
 from pipeline.codecs import decode_json, encode_detections
 from pipeline.config import CountingLine, Settings, TrackingConfig
 from pipeline.messages import EndOfStream, FrameDetections
@@ -94,3 +98,29 @@ def test_an_idle_batch_applies_frames_that_waited_too_long() -> None:
     assert worker.stats()["table"][sid]["frames_tracked"] == 9
     traffic = [decode_json(v) for t, _, v in producer.sent if t == settings.topics.counts.name]
     assert traffic[-1]["type"] == "traffic" and traffic[-1]["frames_stepped_over"] == [4]
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
+def test_an_idle_replica_flushes_a_stream_whose_missing_frame_never_comes(make_settings, guarantee: str) -> None:
+    """Real broker: the idle flush is a batch of its own (outputs, no input offsets) under either guarantee."""
+    s = make_settings(
+        processing_guarantee=guarantee,
+        tracking__enabled=True,
+        tracking__lines=[GATE.model_dump()],
+        tracking__reorder_wait_s=0.5,
+    )
+    create_topics(s.kafka, s.topics.all())
+    frames = render(highway(2, vehicles_per_direction=2, duration=8.0))[:20]
+    sid = frames[0].meta.stream_id
+    producer = make_producer(s.kafka)
+    for frame in frames:
+        if frame.meta.frame_index != 7:  # lost upstream (say, dead-lettered): no end of stream can complete it
+            rec = encode_detections(frame)
+            producer.send(s.topics.detections.name, key=rec.key, value=rec.value, headers=list(rec.headers))
+    producer.flush()
+    producer.close()
+    stats = CountWorker(s, "count-0").run(timeout_s=30, idle_timeout_s=4)
+    assert stats["table"][sid]["frames_tracked"] == 19 and stats["retries"] == 0
+    snapshot = read_table(s)[sid]
+    assert snapshot["frames_tracked"] == 19 and snapshot["frames_stepped_over"] == 1
