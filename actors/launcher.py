@@ -181,6 +181,11 @@ def prepare_run(settings: Settings, plan: RunPlan, extra_topics: list[TopicSpec]
     plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
     validate_sources(plan.sources)
     _validate_model(settings, plan.allow_calibration)
+    if settings.tracking.enabled and settings.producer.fps == 0:
+        logger.warning(
+            "tracking with producer.fps 0: frames are stamped as fast as they are read, so a recorded video's "
+            "motion is compressed and tracks break; replay it at its own rate (--fps)"
+        )
     check_broker(settings.kafka)
     create_topics(settings.kafka, settings.topics.all() + list(extra_topics or []))
 
