@@ -181,10 +181,12 @@ def prepare_run(settings: Settings, plan: RunPlan, extra_topics: list[TopicSpec]
     plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
     validate_sources(plan.sources)
     _validate_model(settings, plan.allow_calibration)
-    if settings.tracking.enabled and settings.producer.fps == 0:
+    recorded = [s.stream_id for s in plan.sources if s.kind not in ("url", "webcam")]
+    if settings.tracking.enabled and settings.producer.fps == 0 and recorded:
         logger.warning(
-            "tracking with producer.fps 0: frames are stamped as fast as they are read, so a recorded video's "
-            "motion is compressed and tracks break; replay it at its own rate (--fps)"
+            "tracking with producer.fps 0: frames of %s are stamped as fast as they are read, so recorded "
+            "motion is compressed and tracks break; replay at the video's own rate (--fps)",
+            ", ".join(recorded),
         )
     check_broker(settings.kafka)
     create_topics(settings.kafka, settings.topics.all() + list(extra_topics or []))
