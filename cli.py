@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from commands.annotate import annotate
 from commands.bench import bench_app, chaos
 from commands.common import SourceOpt, configure, echo_json, progress_printer, settings
 from commands.kafka import kafka_app, topics_app
@@ -32,6 +33,7 @@ app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(bench_app, name="bench")
 app.command("chaos")(chaos)
+app.command("annotate")(annotate)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file (default: built-in defaults, see configs/default.yaml).")
@@ -169,13 +171,19 @@ def status(
 
 
 @app.command()
-def counts(as_json: Annotated[bool, typer.Option("--json", help="Print the raw table as JSON.")] = False) -> None:
+def counts(
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the table as JSON (each stream's snapshot, less the tracker's resume state).")
+    ] = False,
+) -> None:
     """Print the current vehicle table (read from its changelog topic)."""
     from actors.stages import read_table
+    from pipeline.count_table import readable, traffic_figures
+    from pipeline.stats import traffic_line
 
     table = read_table(settings())
     if as_json:
-        echo_json(table)
+        echo_json({sid: readable(state) for sid, state in table.items()})
         return
     if not table:
         typer.echo("the count table is empty")
@@ -183,7 +191,11 @@ def counts(as_json: Annotated[bool, typer.Option("--json", help="Print the raw t
     for stream_id, state in sorted(table.items()):
         totals = ", ".join(f"{k}={v}" for k, v in sorted(state.get("totals", {}).items())) or "no vehicles"
         done = "complete" if state.get("complete") else "running"  # skipped frames count toward completion
-        typer.echo(f"{stream_id}: {totals} ({state.get('frames_applied', 0)} frames, {done})")
+        if "traffic" not in state:
+            typer.echo(f"{stream_id}: {totals} ({state.get('frames_applied', 0)} frames, {done})")
+            continue
+        typer.echo(f"{stream_id}: {traffic_line(traffic_figures(state))} ({state.get('frames_applied', 0)} frames, {done})")
+        typer.echo(f"  boxes counted over all frames: {totals}")
 
 
 @app.command()

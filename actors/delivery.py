@@ -92,6 +92,8 @@ class AtLeastOnceDelivery(Delivery):
             self.open().flush(timeout=ACK_TIMEOUT_S)
         for future in futures:
             future.get(timeout=ACK_TIMEOUT_S)
+        if not records:
+            return  # a batch of timed outputs only (an idle flush): no input offsets to commit
         try:
             consumer.commit(batch_offsets(records))
         except CommitFailedError as exc:
@@ -119,7 +121,8 @@ class TransactionalDelivery(Delivery):
 
     def complete(self, consumer: KafkaConsumer, records: list[Any], futures: list[Any]) -> None:
         producer = self.open()
-        send_offsets_in_transaction(producer, batch_offsets(records), consumer.group_metadata(), ACK_TIMEOUT_S)
+        if records:  # an idle flush has outputs but no input offsets
+            send_offsets_in_transaction(producer, batch_offsets(records), consumer.group_metadata(), ACK_TIMEOUT_S)
         finish_transaction(producer, commit=True, timeout_s=ACK_TIMEOUT_S)
         for future in futures:
             future.get(timeout=ACK_TIMEOUT_S)

@@ -24,6 +24,7 @@ from cluster.clients import check_broker
 from cluster.reading import group_lag
 from cluster.topics import create_topics
 from pipeline.config import Settings, TopicSpec
+from pipeline.count_table import traffic_figures
 from pipeline.crop import load_index
 from pipeline.detector import check_model, is_calibration
 from pipeline.errors import ConfigError, PipelineError
@@ -180,6 +181,13 @@ def prepare_run(settings: Settings, plan: RunPlan, extra_topics: list[TopicSpec]
     plan.sources = [s.for_run(plan.run_id) for s in plan.sources]
     validate_sources(plan.sources)
     _validate_model(settings, plan.allow_calibration)
+    recorded = [s.stream_id for s in plan.sources if s.kind not in ("url", "webcam")]
+    if settings.tracking.enabled and settings.producer.fps == 0 and recorded:
+        logger.warning(
+            "tracking with producer.fps 0: frames of %s are stamped as fast as they are read, so recorded "
+            "motion is compressed and tracks break; replay at the video's own rate (--fps)",
+            ", ".join(recorded),
+        )
     check_broker(settings.kafka)
     create_topics(settings.kafka, settings.topics.all() + list(extra_topics or []))
 
@@ -306,6 +314,8 @@ def summarise(
         crops_per_label=dict(sorted(Counter(e["label"] for e in crops).items())),
         crops_dir=str((Path(settings.output_dir) / "crops").resolve()),
         vehicles=vehicles,
+        box_counts=vehicles,
+        traffic={sid: traffic_figures(table.get(sid, {})) for sid in stream_ids} if settings.tracking.enabled else None,
         vehicle_totals=dict(sorted(sum((Counter(v) for v in vehicles.values()), Counter()).items())),
         wall_s=round(wall, 2),
         processing_s=round(processing_s, 3),

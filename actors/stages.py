@@ -35,7 +35,7 @@ from pipeline.codecs import (
     frame_position,
     record_size,
 )
-from pipeline.counting import VehicleCounter
+from pipeline.count_table import CountTable
 from pipeline.crop import CropSink, crop_detections
 from pipeline.detector import Detector, make_detector
 from pipeline.errors import DecodeError, RecordTooLargeError
@@ -219,14 +219,9 @@ class CountWorker(StageWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        c = self.settings.counting
-        self.counter = VehicleCounter(
-            labels=c.labels,
-            min_confidence=c.min_confidence,
-            window_frames=c.window_frames,
-            max_gaps=c.max_gaps,
-            reorder_horizon=c.reorder_horizon_frames,
-        )
+        self.counter = CountTable(self.settings.counting, self.settings.tracking)
+        self.owned: set[str] = set()
+        """Streams this replica applied frames of since its last restore: the only ones it may flush when idle."""
         self.counters.update(duplicates=0, restores=0)
         self.latency = LatencyHistogram()
         """Capture to count applied, every frame this replica counted (bounded, mergeable)."""
@@ -258,6 +253,7 @@ class CountWorker(StageWorker):
         self.restore()
 
     def restore(self) -> None:
+        self.owned.clear()
         for stream_id, snapshot in read_table(self.settings).items():
             try:
                 self.counter.restore(stream_id, snapshot)
@@ -276,8 +272,9 @@ class CountWorker(StageWorker):
             if item is None:
                 continue
             if isinstance(item, EndOfStream):
-                self.counter.end_of_stream(item)
+                traffic = self.counter.end(item, now)
                 touched.add(item.stream_id)
+                futures += self._send_traffic(traffic)
                 continue
             if isinstance(item, SkippedFrame):
                 if self.counter.skip(item):
@@ -285,20 +282,39 @@ class CountWorker(StageWorker):
                     touched.add(item.stream_id)
                 continue
             self.counters["frames_in"] += 1
-            update = self.counter.update(item)
+            update, traffic = self.counter.apply(item, now)
             if update is None:
                 self.counters["duplicates"] += 1
                 continue
             touched.add(update.stream_id)
+            self.owned.add(update.stream_id)
             self.counters["frames_out"] += 1
             self.latency.record((now - update.capture_ts) * 1000)
             self.last_applied_ts = now
             rec = Record(key=update.stream_id.encode(), value=encode_json(update.to_dict()))
             futures.append(send_record(self.producer, topics.counts.name, rec))
+            futures += self._send_traffic(traffic)
+        if not records:  # an idle flush (on_idle): frames that waited too long for a missing one
+            traffic = self.counter.due(self.owned, now)
+            touched.update(u.stream_id for u in traffic)
+            futures += self._send_traffic(traffic)
         for stream_id in sorted(touched):
             snap = Record(key=stream_id.encode(), value=encode_json(self.counter.snapshot(stream_id)))
             futures.append(send_record(self.producer, topics.counts_changelog.name, snap))
         return futures
+
+    def _send_traffic(self, updates: list[Any]) -> list[Any]:
+        """Tracking updates go to the counts topic too, as ``"type": "traffic"`` records."""
+        assert self.producer is not None
+        topic = self.settings.topics.counts.name
+        return [
+            send_record(self.producer, topic, Record(key=u.stream_id.encode(), value=encode_json(u.to_dict()))) for u in updates
+        ]
+
+    def on_idle(self) -> None:
+        """No record came: apply frames of owned streams that waited ``tracking.reorder_wait_s`` for a missing one."""
+        if self.counter.overdue(self.owned, time.time()):
+            self.handle([])
 
     def extra_stats(self) -> dict[str, Any]:
         return {

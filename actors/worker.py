@@ -102,6 +102,9 @@ class StageWorker:
     def on_rewind(self) -> None:
         """Undo in-memory effects of a batch that was not committed (the count table reloads its changelog)."""
 
+    def on_idle(self) -> None:
+        """A poll returned nothing; a stage with timed work (the count stage's reorder wait) may ``handle([])``."""
+
     # -- shared state --------------------------------------------------------
     @property
     def counters(self) -> dict[str, int]:
@@ -211,6 +214,7 @@ class StageWorker:
                 self.ready = True
                 if not records:
                     self._measure_lag()
+                    self.on_idle()
                     continue
                 self.handle(records)
                 last_record = time.monotonic()

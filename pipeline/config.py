@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -31,6 +31,8 @@ __all__ = [
     "CropConfig",
     "CountConfig",
     "DecodeConfig",
+    "CountingLine",
+    "TrackingConfig",
     "RayConfig",
     "FaustConfig",
     "Settings",
@@ -49,6 +51,8 @@ ENV_PREFIX = "VAPIPE_"
 Compression = Literal["snappy", "gzip", "lz4", "zstd", "none"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 ProcessingGuarantee = Literal["exactly_once", "at_least_once"]
+InDirection = Literal["up", "down", "left", "right"]
+Anchor = Literal["bottom_center", "center"]
 
 
 class _Frozen(BaseModel):
@@ -217,6 +221,91 @@ class DecodeConfig(_Frozen):
     40 M pixels is above 8K. Frames must be JPEG: other formats are refused before decoding."""
 
 
+class CountingLine(_Frozen):
+    """A counting line in normalised frame coordinates (x to the right, y down, both in [0, 1]).
+
+    A track crossing it in ``in_direction`` counts as "in", the opposite way as "out".
+    """
+
+    name: str = Field(min_length=1)
+    start: tuple[float, float]
+    end: tuple[float, float]
+    in_direction: InDirection = "up"
+    """Moving this way across the line is "in": up/down for lines that are not vertical,
+    left/right for lines that are not horizontal."""
+    streams: tuple[str, ...] = ("*",)
+    """Stream ids the line applies to; "*" means every stream."""
+
+    @field_validator("start", "end")
+    @classmethod
+    def _normalised(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= c <= 1.0 for c in v):
+            raise ValueError(f"line points are normalised frame coordinates in [0, 1], got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _direction_crosses_line(self) -> CountingLine:
+        dx, dy = self.end[0] - self.start[0], self.end[1] - self.start[1]
+        if dx == 0 and dy == 0:
+            raise ValueError(f"line {self.name!r} has the same start and end")
+        if self.in_direction in ("up", "down") and dx == 0:
+            raise ValueError(f"line {self.name!r} is vertical: in_direction must be left or right")
+        if self.in_direction in ("left", "right") and dy == 0:
+            raise ValueError(f"line {self.name!r} is horizontal: in_direction must be up or down")
+        return self
+
+    def applies_to(self, stream_id: str) -> bool:
+        return "*" in self.streams or stream_id in self.streams
+
+
+class TrackingConfig(_Frozen):
+    """Tracking and line counting in the count stage (issue 14: count vehicles, not boxes). Off by default."""
+
+    enabled: bool = False
+    """Track vehicles and count unique vehicles and line crossings; false keeps per-frame box counts only."""
+    high_threshold: float = Field(0.25, ge=0, le=1)
+    """Detections at or above this take part in the first association (ByteTrack's track_thresh). 0.25 as in
+    ultralytics' bytetrack.yaml: YOLOv8 scores run lower than the YOLOX ones ByteTrack's 0.5 was tuned for."""
+    low_threshold: float = Field(0.1, ge=0, le=1)
+    """Detections from here up to high_threshold only extend existing tracks (ByteTrack's second stage).
+    The model drops boxes below model.min_confidence, so lower that too for this to matter."""
+    new_track_threshold: float = Field(0.25, ge=0, le=1)
+    """An unmatched detection starts a track only at or above this."""
+    match_iou: float = Field(0.2, gt=0, le=1)
+    """First association: least IoU (times detection confidence) between a predicted track box and a detection."""
+    track_buffer_s: float = Field(1.0, gt=0)
+    """A lost track is kept this long (capture time) to be found again, then forgotten."""
+    min_hits: int = Field(3, ge=1)
+    """A track counts as a vehicle once it was matched this many times (filters one-frame false boxes)."""
+    reorder_wait_s: float = Field(2.0, ge=0)
+    """A missing frame index is waited for this long (capture or arrival time) before it is stepped over."""
+    reorder_max_frames: int = Field(32, gt=0)
+    """At most this many frames wait for a missing one; beyond it the gap is stepped over at once."""
+    anchor: Anchor = "bottom_center"
+    """The point of a box that must cross a line: bottom_center (where a vehicle meets the road) or center."""
+    hysteresis: float = Field(0.01, ge=0, lt=0.5)
+    """A track's side of a line changes only once its anchor is this far past the line (fraction of the
+    frame diagonal), so a box jittering on the line is not counted again."""
+    moving_threshold: float = Field(0.03, gt=0, le=1)
+    """A track is moving traffic once its anchor moved this far (fraction of the frame diagonal) ..."""
+    moving_window_s: float = Field(4.0, gt=0)
+    """... within this long; parked vehicles never become moving, and only moving ones are counted on lines."""
+    lines: tuple[CountingLine, ...] = ()
+    """Counting lines; each applies to the streams it names ("*" for all)."""
+
+    @model_validator(mode="after")
+    def _thresholds_ordered(self) -> TrackingConfig:
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold {self.low_threshold} must not be above high_threshold {self.high_threshold}")
+        names = [line.name for line in self.lines]
+        if len(names) != len(set(names)):
+            raise ValueError(f"line names must be unique, got {names}")
+        return self
+
+    def lines_for(self, stream_id: str) -> tuple[CountingLine, ...]:
+        return tuple(line for line in self.lines if line.applies_to(stream_id))
+
+
 class RayConfig(_Frozen):
     address: str | None = None
     """None starts a local Ray; 'auto' or host:port joins a running cluster."""
@@ -259,6 +348,7 @@ class Settings(_Frozen):
     crops: CropConfig = CropConfig()
     counting: CountConfig = CountConfig()
     decoding: DecodeConfig = DecodeConfig()
+    tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     faust: FaustConfig = FaustConfig()
     output_dir: str = "output"

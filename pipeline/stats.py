@@ -17,13 +17,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["STAGES", "SUMMARY_SCHEMA_VERSION", "LatencyHistogram", "WorkerStats", "RunSummary"]
+__all__ = ["STAGES", "SUMMARY_SCHEMA_VERSION", "LatencyHistogram", "WorkerStats", "RunSummary", "traffic_line"]
 
 STAGES: tuple[str, ...] = ("inter", "crop", "count")
 """The consumer stages, in data-path order: A -> inter -> B/C -> crop (B) and count (C)."""
 
-SUMMARY_SCHEMA_VERSION = 2
-"""1: the untyped summary of the first releases; 2: adds ``schema_version`` and ``latency_histogram``."""
+SUMMARY_SCHEMA_VERSION = 3
+"""1: the untyped summary of the first releases; 2: adds ``schema_version`` and ``latency_histogram``;
+3: adds ``box_counts`` (always) and ``traffic`` (runs with ``tracking.enabled``)."""
+
+
+def traffic_line(row: dict[str, Any]) -> str:
+    """``vehicles car=12, truck=2; gate in 9 / out 4; stationary 1`` for one stream."""
+
+    def classes(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
+
+    parts = [f"vehicles {classes(row.get('unique_vehicles', {}))}"]
+    for line, per_dir in sorted((row.get("line_crossings") or {}).items()):
+        parts.append(f"{line} in {sum(per_dir.get('in', {}).values())} / out {sum(per_dir.get('out', {}).values())}")
+    parts.append(f"moving {sum(row.get('moving_vehicles', {}).values())}")
+    parts.append(f"stationary now {sum(row.get('stationary_vehicles', {}).values())}")
+    return "; ".join(parts)
 
 
 class LatencyHistogram:
@@ -263,22 +278,33 @@ class RunSummary:
     """Faust worker -> times the engine restarted it."""
     moving_window: dict[str, Any] | None = None
     """Faust's hopping-window counts (stream -> class -> count), merged over its count workers."""
+    # schema 3
+    box_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Stream id -> class -> boxes counted over all frames: the same figures as ``vehicles``, named for
+    what they are (a car in view for 75 frames counts 75 times)."""
+    traffic: dict[str, dict[str, Any]] | None = None
+    """Runs with ``tracking.enabled``: stream id -> ``unique_vehicles``, ``moving_vehicles`` and
+    ``stationary_vehicles`` (class -> vehicles), ``line_crossings`` (line -> "in"/"out" -> class ->
+    crossings), ``frames_tracked`` and ``frames_stepped_over`` (never came, or came too late)."""
 
     def report(self) -> str:
         """The few lines a person reads at the end of a run (the JSON has everything else)."""
         lat = self.count_latency_ms
         latency = f", latency p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms" if lat else ""
         streams = len(self.per_stream)
+        box_header = "boxes counted" if self.traffic is not None else "vehicles"
         lines = [
             f"run {self.run_id}: {self.frames_produced} frames from {streams} stream{'s' * (streams != 1)} "
             f"in {self.processing_s:.1f} s ({self.frames_per_s:.1f} frames/s){latency}",
-            f"  {'stream':<32}{'produced':>10}{'skipped':>9}{'counted':>9}  vehicles",
+            f"  {'stream':<32}{'produced':>10}{'skipped':>9}{'counted':>9}  {box_header}",
         ]
         for sid, row in self.per_stream.items():
             vehicles = ", ".join(f"{k}={v}" for k, v in sorted(self.vehicles.get(sid, {}).items())) or "-"
             lines.append(
                 f"  {sid:<32}{row.get('produced', 0):>10}{row.get('skipped', 0):>9}{row.get('counted', 0):>9}  {vehicles}"
             )
+        for sid, row in (self.traffic or {}).items():
+            lines.append(f"  {sid}: {traffic_line(row)}")
         crops = sum(self.crops_per_label.values())
         by_label = ", ".join(f"{k}={v}" for k, v in self.crops_per_label.items())
         lines.append(f"  crops: {crops}" + (f" ({by_label})" if by_label else "") + f" in {self.crops_dir}")
@@ -292,7 +318,7 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: every field, leaving out engine-specific ones that are unset."""
         data = asdict(self)
-        for key in ("engines", "processing_guarantee", "restarts", "moving_window", "summary_path"):
+        for key in ("engines", "processing_guarantee", "restarts", "moving_window", "summary_path", "traffic"):
             if data[key] is None:
                 del data[key]
         return data

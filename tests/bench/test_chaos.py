@@ -15,10 +15,11 @@ from typing import Any
 
 import pytest
 
-from bench.chaos import FAULTS, chaos, failed_faults, run_fault, table_lines
+from bench.chaos import CAPTURE_GAP_FAULTS, FAULTS, chaos, failed_faults, run_fault, table_lines
 from cluster.broker import KafkaBroker
 from pipeline.config import Settings
 from tests.conftest import build_settings, private_broker
+from tests.integration.test_pipeline import TRACKING
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.slow]
 
@@ -36,8 +37,15 @@ def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker
 
 @pytest.fixture(scope="module")
 def chaos_settings(own_broker: KafkaBroker, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    # Tracking on: the synthetic boxes stand still, so every fault must give the same tracks as the
+    # undisturbed run; a count replica that lost its tracker would start new tracks and count them again.
     return build_settings(
-        own_broker.bootstrap, tmp_path_factory.mktemp("chaos"), MODEL, producer__fps=15, producer__max_frames=FRAMES
+        own_broker.bootstrap,
+        tmp_path_factory.mktemp("chaos"),
+        MODEL,
+        producer__fps=15,
+        producer__max_frames=FRAMES,
+        **TRACKING,
     )
 
 
@@ -47,6 +55,7 @@ def undisturbed(ray_local: Any, chaos_settings: Settings, highway: str) -> tuple
     row, crops = run_fault(chaos_settings, highway, FRAMES, "none", REPLICAS)
     assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == FRAMES, row
     assert crops, "the undisturbed run wrote no crops"
+    assert row["traffic"] and row["traffic"]["unique_vehicles"] and row["traffic"]["frames_stepped_over"] == 0, row
     return row, crops
 
 
@@ -67,6 +76,9 @@ def test_fault_loses_nothing_and_counts_nothing_twice(
     assert row["duplicates_on_c"] == 0, row  # exactly-once from A to C
     assert crops == reference_crops, f"crops differ: {len(crops)} vs {len(reference_crops)}"
     assert row["vehicle_totals"] == reference_row["vehicle_totals"], row
+    assert row["traffic"]["frames_tracked"] == FRAMES and row["traffic"]["frames_stepped_over"] == 0, row
+    if fault not in CAPTURE_GAP_FAULTS:  # a stalled producer stamps later frames seconds later: new tracks, rightly
+        assert row["traffic"] == reference_row["traffic"], row  # the same tracks, whatever died
     assert row["recovery_s"] is not None, row
 
 
@@ -87,5 +99,8 @@ def test_verdict_names_every_fault_that_lost_double_counted_or_changed_the_corpu
         ok | {"fault": "a", "lost": 1},
         ok | {"fault": "b", "counted_twice": 2},
         ok | {"fault": "c", "crops_match": False},
+        ok | {"fault": "d", "traffic_match": False},
+        ok | {"fault": "e", "traffic_match": True},
+        ok | {"fault": "kill-producer", "traffic_match": False},  # new tracks after the capture gap: by design
     ]
-    assert failed_faults({"rows": rows}) == ["a", "b", "c"]
+    assert failed_faults({"rows": rows}) == ["a", "b", "c", "d"]

@@ -17,13 +17,18 @@ import pytest
 from actors.launcher import RunPlan
 from actors.stages import read_table
 from pipeline.config import Settings
+from pipeline.count_table import comparable
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
 from tests.conftest import ReferenceDetector, _missing
 from tests.integration.test_pipeline import (
+    REAL_TIME,
+    TRACKING,
     assert_detections_and_crops_match_reference,
     detections_on_c,
     direct_vehicle_count,
+    one_process_traffic,
+    vehicles_and_crossings,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
@@ -97,8 +102,8 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
     faust_installed, ray_local, make_settings, highway: str, engine: str
 ) -> None:
     frames = 60
-    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
-    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE)
+    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE, **TRACKING, **REAL_TIME)
+    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE, **TRACKING, **REAL_TIME)
     all_ray = run(ray_settings, "ray", [f"hw={highway}"], inter=2)
     mixed = run(mixed_settings, engine, [f"hw={highway}"], inter=2, count=2)
 
@@ -109,6 +114,12 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
         assert got[key] == want[key], key
     assert mixed.vehicles == all_ray.vehicles == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
     assert mixed.crops_per_label == all_ray.crops_per_label
+    # Tracking: the count agent (Faust's or Ray's) tracks like one TrafficCounter over C in frame order,
+    # and the two runs count the same vehicles and crossings.
+    assert mixed.traffic is not None and all_ray.traffic is not None
+    assert comparable(mixed.traffic["hw"]) == one_process_traffic(mixed_settings, "hw")
+    assert comparable(all_ray.traffic["hw"]) == one_process_traffic(ray_settings, "hw")
+    assert vehicles_and_crossings(mixed.traffic["hw"]) == vehicles_and_crossings(all_ray.traffic["hw"])
 
 
 def test_ray_and_faust_take_turns_on_one_table(faust_installed, ray_local, make_settings, highway: str) -> None:
@@ -143,7 +154,7 @@ def test_ray_and_faust_take_turns_on_one_table(faust_installed, ray_local, make_
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
     frames = 90
-    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE)
+    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE, **TRACKING)
     killed: list[str] = []
 
     def kill_the_owner(progress: Any) -> None:
@@ -166,6 +177,8 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
     assert table["frames_applied"] == frames and table["applied_watermark"] == frames and table["applied_runs"] == []
     # No frame counted twice: the totals equal a direct count of C's vehicles above 0.5.
     assert table["totals"] == summary.vehicles["hw"] == direct_vehicle_count(detections_on_c(s, "hw"))
+    # The tracker came back from the changelog too: the counts of one uninterrupted TrafficCounter.
+    assert summary.traffic is not None and comparable(summary.traffic["hw"]) == one_process_traffic(s, "hw")
 
 
 def test_compare_bench_runs_both_engines_and_writes_report(

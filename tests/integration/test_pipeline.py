@@ -16,10 +16,12 @@ from actors.ray.engine import run_pipeline
 from cluster.reading import read_all
 from pipeline.codecs import decode_detections, decode_frame
 from pipeline.config import Settings
+from pipeline.count_table import comparable
 from pipeline.crop import load_index
 from pipeline.messages import EndOfStream, FrameDetections
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
+from pipeline.traffic import TrafficCounter
 from tests.conftest import ReferenceDetector
 
 pytestmark = [pytest.mark.kafka, pytest.mark.ray, pytest.mark.model, pytest.mark.slow]
@@ -37,6 +39,59 @@ def detections_on_c(settings: Settings, stream_id: str) -> dict[int, Any]:
             assert item.meta.frame_index not in out, f"frame {item.meta.frame_index} appears twice on C"
             out[item.meta.frame_index] = item.detections
     return out
+
+
+HIGHWAY_LINE = {"name": "highway", "start": [0.25, 0.6], "end": [1.0, 0.6], "in_direction": "up"}
+TRACKING: dict[str, Any] = {
+    "tracking__enabled": True,
+    "tracking__lines": [HIGHWAY_LINE],
+    # Order and snapshots are what these tests check: a wait longer than any test's stall, so no frame
+    # is stepped over for being late (stepping over is a latency policy, tested in tests/pipeline).
+    "tracking__reorder_wait_s": 120,
+    "tracking__reorder_max_frames": 256,
+}
+"""Settings overrides: tracking on, with the highway video's counting line (docs/results/counting)."""
+
+REAL_TIME = {"producer__fps": 25}
+"""The highway video's own rate. The tracker's clock is the capture time the producer stamps; published as
+fast as possible (the tests' default ``fps: 0``) 90 frames span a fraction of a second, every track's
+motion is compressed 20-fold, and two runs of one clip differ with the producer's timing."""
+
+
+def frames_on_c(settings: Settings, stream_id: str) -> list[FrameDetections]:
+    """A stream's detection records on C, in frame order (each once)."""
+    out: dict[int, FrameDetections] = {}
+    for record in read_topic(settings, settings.topics.detections.name):
+        item = decode_detections(record.value)
+        if not isinstance(item, EndOfStream) and item.meta.stream_id == stream_id:
+            out[item.meta.frame_index] = item
+    return [out[i] for i in sorted(out)]
+
+
+def one_process_traffic(settings: Settings, stream_id: str) -> dict[str, Any]:
+    """The tracked counts a single TrafficCounter gives over C's detections in frame order."""
+    counter = TrafficCounter(settings.tracking, settings.counting.labels)
+    for frame in frames_on_c(settings, stream_id):
+        counter.update(frame)
+    row = counter.table()[stream_id]
+    return comparable(
+        {
+            **{k: row[k] for k in ("unique_vehicles", "moving_vehicles", "stationary_vehicles", "line_crossings")},
+            "frames_tracked": row["frames_applied"],
+            "frames_stepped_over": row["frames_stepped_over"],
+        }
+    )
+
+
+def vehicles_and_crossings(traffic: dict[str, Any]) -> dict[str, Any]:
+    """What two runs of one clip must agree on. Their capture times differ by the producer's jitter
+    (milliseconds), which can move the frame at which a slow track passes ``moving_threshold``
+    (one car of 15 did between two unpaced runs), so ``moving_vehicles`` is compared within a run only."""
+    return {k: traffic[k] for k in ("unique_vehicles", "line_crossings", "frames_tracked")}
+
+
+_TRAFFIC_BY_INTER: dict[int, dict[str, Any]] = {}
+"""Tracked counts of the highway run per number of InterConsumers, to compare 1 with 3."""
 
 
 def reference_detections(settings: Settings, stream_id: str, reference: ReferenceDetector) -> dict[int, Any]:
@@ -68,7 +123,7 @@ def test_highway_end_to_end_every_frame_counted_once(
     ray_local, make_settings, reference_detector: ReferenceDetector, highway: str, inter: int
 ) -> None:
     frames = 90
-    s = make_settings(producer__max_frames=frames)
+    s = make_settings(producer__max_frames=frames, **TRACKING, **REAL_TIME)
     summary = run(s, [f"hw={highway}"], inter=inter, crop=2 if inter == 3 else 1, count=2 if inter == 3 else 1)
 
     assert summary.frames_produced == frames
@@ -78,7 +133,42 @@ def test_highway_end_to_end_every_frame_counted_once(
     assert set(summary.actors) >= {f"inter-{i}" for i in range(inter)}
 
     got, _ = assert_detections_and_crops_match_reference(s, "hw", frames, reference_detector)
-    assert summary.vehicles["hw"] == direct_vehicle_count(got)
+    assert summary.vehicles["hw"] == summary.box_counts["hw"] == direct_vehicle_count(got)
+
+    # Vehicles, not boxes: the count stage's tracker, fed out of order by `inter` InterConsumers,
+    # counts what one TrafficCounter counts over C in frame order.
+    assert summary.traffic is not None
+    traffic = comparable(summary.traffic["hw"])
+    assert traffic == one_process_traffic(s, "hw")
+    assert traffic["frames_tracked"] == frames and traffic["frames_stepped_over"] == 0
+    assert sum(traffic["line_crossings"]["highway"]["in"].values()) >= 1  # a car crosses at frame 38
+    _TRAFFIC_BY_INTER[inter] = vehicles_and_crossings(traffic)
+    if len(_TRAFFIC_BY_INTER) == 2:  # both runs in this session: 1 and 3 InterConsumers agree
+        assert _TRAFFIC_BY_INTER[1] == _TRAFFIC_BY_INTER[3]
+
+
+def test_count_replica_killed_mid_run_keeps_the_same_tracks(ray_local, make_settings, highway: str) -> None:
+    """ray.kill of the only count replica a third of the way in (the first crossing comes at frame 38):
+    Ray restarts it, it resumes the stream's tracker from the changelog, and counts what one uninterrupted
+    TrafficCounter over C counts. The real model, because crossings need vehicles that move."""
+    from bench.chaos import Injector
+
+    frames = 60
+    s = make_settings(producer__max_frames=frames, **TRACKING, **REAL_TIME)
+    injector = Injector("kill-count", trigger_frames=frames // 3)
+    plan = RunPlan(
+        sources=[parse_source(f"hw={highway}")],
+        replicas={"inter": 1, "crop": 1, "count": 1},
+        include_dashboard=False,
+        stall_timeout_s=240,
+    )
+    summary = run_pipeline(s, plan, on_tick=injector)
+    assert injector.fired_at is not None and injector.counted_at_fire < frames, injector  # killed mid-run
+    assert summary.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary.traffic is not None
+    traffic = comparable(summary.traffic["hw"])
+    assert traffic == one_process_traffic(s, "hw")
+    assert sum(traffic["line_crossings"]["highway"]["in"].values()) >= 1
 
 
 VEHICLES = {"bicycle", "car", "motorcycle", "bus", "train", "truck"}

@@ -153,3 +153,23 @@ def test_report_names_frames_rate_latency_counts_and_where_things_are() -> None:
     ):
         assert expected in text
     assert len(text.splitlines()) <= 8
+
+
+def test_tracked_counts_are_in_the_json_and_one_report_line_per_stream() -> None:
+    assert "traffic" not in make_summary().to_dict()  # tracking off: no key
+    traffic = {
+        "hw": {
+            "unique_vehicles": {"car": 5, "truck": 1},
+            "moving_vehicles": {"car": 5},
+            "stationary_vehicles": {"truck": 1},
+            "line_crossings": {"highway": {"in": {"car": 3}, "out": {"car": 1}}},
+            "frames_tracked": 60,
+            "frames_stepped_over": 0,
+        }
+    }
+    summary = make_summary(traffic=traffic, box_counts={"hw": {"car": 80}})
+    data = summary.to_dict()
+    assert data["traffic"] == traffic and data["box_counts"] == data["vehicles"]
+    text = summary.report()
+    assert "boxes counted" in text
+    assert "hw: vehicles car=5, truck=1; highway in 3 / out 1; moving 5; stationary now 1" in text
