@@ -19,28 +19,18 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from actors.faust.gaps import EventRecord  # kafka-python's ConsumerRecord fields
 from actors.stages import CountWorker
 from pipeline.codecs import encode_detections
 from pipeline.config import CountingLine, Settings, TrackingConfig
 from pipeline.messages import EndOfStream, FrameDetections
 
 LINE = CountingLine(name="highway", start=(0.25, 0.6), end=(1.0, 0.6), in_direction="up")
-
-
-@dataclass
-class _Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
 
 
 class _Producer:
@@ -75,12 +65,12 @@ def run_once(settings: Settings, items: list[FrameDetections], spread: int) -> t
     worker.producer = producer
     topic = settings.topics.detections.name
     records = [
-        _Record(topic, 0, i, enc.key, enc.value, list(enc.headers))
+        EventRecord(topic, 0, i, enc.key, enc.value, list(enc.headers))
         for i, enc in enumerate(encode_detections(f) for f in arrivals(items, spread))
     ]
     stream_id = items[0].meta.stream_id
     eos = encode_detections(EndOfStream(stream_id, len(items)))
-    records.append(_Record(topic, 0, len(records), eos.key, eos.value, list(eos.headers)))
+    records.append(EventRecord(topic, 0, len(records), eos.key, eos.value, list(eos.headers)))
     batch = settings.count.batch_size
     t0 = time.perf_counter()
     for start in range(0, len(records), batch):

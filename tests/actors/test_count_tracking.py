@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
+from actors.faust.gaps import EventRecord  # kafka-python's ConsumerRecord fields
 from actors.stages import CountWorker, read_table
 from cluster.clients import make_producer
 from cluster.topics import create_topics
@@ -22,16 +22,6 @@ GATE = CountingLine(name="gate", start=(0.1, 0.6), end=(1.0, 0.6), in_direction=
 SETTINGS = Settings(tracking=TrackingConfig(enabled=True, lines=(GATE,), reorder_wait_s=60.0, reorder_max_frames=64))
 
 
-@dataclass
-class _Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: list[Any]
-
-
 class _Producer:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes | None, bytes]] = []
@@ -40,11 +30,11 @@ class _Producer:
         self.sent.append((topic, key, value))
 
 
-def _records(frames: list[FrameDetections | EndOfStream]) -> list[_Record]:
+def _records(frames: list[FrameDetections | EndOfStream]) -> list[EventRecord]:
     out = []
     for offset, item in enumerate(frames):
         enc = encode_detections(item)
-        out.append(_Record(SETTINGS.topics.detections.name, 0, offset, enc.key, enc.value, list(enc.headers)))
+        out.append(EventRecord(SETTINGS.topics.detections.name, 0, offset, enc.key, enc.value, list(enc.headers)))
     return out
 
 
