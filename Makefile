@@ -8,9 +8,13 @@ SHARED ?= $(abspath ../shared)
 # Our machines have no internet: use the shared model when it is there, else the official weights.
 DEMO_MODEL ?= $(if $(wildcard $(SHARED)/models/yolov8n_int8.onnx),$(SHARED)/models/yolov8n_int8.onnx,yolov8n.pt)
 
-.PHONY: setup kafka-jars demo test test-unit lint clean
+.PHONY: setup system-deps kafka-jars demo test test-unit lint clean
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed system-deps
+
+# GStreamer's RTSP server for the live-camera tests (apt, when missing and root; else one line saying so).
+system-deps:
+	@scripts/system_deps.sh
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)

@@ -18,6 +18,9 @@ from commands.annotate import annotate
 from commands.bench import bench_app, chaos
 from commands.common import SourceOpt, configure, echo_json, progress_printer, settings
 from commands.kafka import kafka_app, topics_app
+from commands.lab import lab_app
+from commands.streams import streams_app
+from commands.top import status_json, top
 from pipeline.config import Settings
 from pipeline.errors import PipelineError
 
@@ -32,8 +35,11 @@ app = typer.Typer(
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(topics_app, name="topics")
 app.add_typer(bench_app, name="bench")
+app.add_typer(lab_app, name="lab")
+app.add_typer(streams_app, name="streams")
 app.command("chaos")(chaos)
 app.command("annotate")(annotate)
+app.command("top")(top)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file (default: built-in defaults, see configs/default.yaml).")
@@ -141,8 +147,12 @@ def run(
 def status(
     address: Annotated[str, typer.Option(help="Ray cluster to ask.")] = "auto",
     engine: Annotated[str, typer.Option(help="ray (ask the cluster) or faust (the latest Faust run's workers).")] = "ray",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Every worker's full report as JSON (what `vapipe top` shows).")
+    ] = False,
 ) -> None:
     """Load of every running vapipe actor or Faust worker (frames, frames/s, lag, node, GPU)."""
+    from pipeline.live import camera_line
     from pipeline.stats import WorkerStats
 
     if engine == "faust":
@@ -155,6 +165,9 @@ def status(
         rows = actor_stats(address)
     else:
         raise PipelineError(f"invalid --engine {engine!r}: expected ray or faust")
+    if as_json:
+        echo_json(status_json(rows))
+        return
     if not rows:
         typer.echo(f"no vapipe {'actors are' if engine == 'ray' else 'workers are'} running")
         return
@@ -164,6 +177,8 @@ def status(
             typer.echo(f"{name:<28} {st}")
             continue
         problem = st.last_error or st.crashed or ("ok" if st.running else "stopped")
+        if st.camera is not None:  # a live source: connected / reconnecting (since, attempts) / last frame age
+            problem = camera_line(st.camera)
         typer.echo(
             f"{name:<28}{st.frames_out:>8}{st.fps:>8}{'-' if st.lag is None else st.lag!s:>8}  "
             f"{st.node or '-'} / {st.pid or '-'} / {','.join(st.gpus) or '-'} / {st.peak_rss_mb or '-'} / {problem}"
@@ -175,12 +190,21 @@ def counts(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the table as JSON (each stream's snapshot, less the tracker's resume state).")
     ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune", help="Drop finished streams of unnamed sources (id 'name@run') from the table and its changelog."
+        ),
+    ] = False,
 ) -> None:
     """Print the current vehicle table (read from its changelog topic)."""
-    from actors.stages import read_table
+    from actors.stages import prune_table, read_table
     from pipeline.count_table import readable, traffic_figures
     from pipeline.stats import traffic_line
 
+    if prune:
+        gone = prune_table(settings())
+        typer.echo(f"pruned {len(gone)} finished unnamed stream(s){': ' + ', '.join(gone) if gone else ''}", err=True)
     table = read_table(settings())
     if as_json:
         echo_json({sid: readable(state) for sid, state in table.items()})

@@ -26,11 +26,17 @@ from kafka.structs import OffsetAndMetadata
 from cluster.clients import finish_transaction, make_producer, send_offsets_in_transaction
 from pipeline.config import KafkaConfig
 
-__all__ = ["Delivery", "TransactionalDelivery", "AtLeastOnceDelivery", "make_delivery", "batch_offsets"]
+__all__ = [
+    "Delivery",
+    "TransactionalDelivery",
+    "AtLeastOnceDelivery",
+    "make_delivery",
+    "batch_offsets",
+    "stage_transactional_id",
+    "fence",
+]
 
 logger = logging.getLogger(__name__)
-
-ACK_TIMEOUT_S = 60.0
 
 
 def batch_offsets(records: list[Any]) -> dict[TopicPartition, OffsetAndMetadata]:
@@ -75,6 +81,9 @@ class Delivery:
     def abort(self) -> None:
         """The batch failed: nothing of it may become visible."""
 
+    def settle(self) -> None:
+        """Before the committed offsets are read after a failed batch: the batch's fate is known."""
+
     def close(self) -> None:
         if self.producer is not None:
             try:
@@ -89,9 +98,9 @@ class AtLeastOnceDelivery(Delivery):
 
     def complete(self, consumer: KafkaConsumer, records: list[Any], futures: list[Any]) -> None:
         if futures:
-            self.open().flush(timeout=ACK_TIMEOUT_S)
+            self.open().flush(timeout=self.kafka.ack_timeout_s)
         for future in futures:
-            future.get(timeout=ACK_TIMEOUT_S)
+            future.get(timeout=self.kafka.ack_timeout_s)
         if not records:
             return  # a batch of timed outputs only (an idle flush): no input offsets to commit
         try:
@@ -112,7 +121,9 @@ class TransactionalDelivery(Delivery):
         self.transactional_id = transactional_id
 
     def _new_producer(self) -> KafkaProducer:
-        producer = make_producer(self.kafka, transactional_id=self.transactional_id)
+        producer = make_producer(
+            self.kafka, transactional_id=self.transactional_id, retry_backoff_ms=self.kafka.transaction_retry_backoff_ms
+        )
         producer.init_transactions()  # aborts what a crashed predecessor left open, fences a zombie
         return producer
 
@@ -122,10 +133,16 @@ class TransactionalDelivery(Delivery):
     def complete(self, consumer: KafkaConsumer, records: list[Any], futures: list[Any]) -> None:
         producer = self.open()
         if records:  # an idle flush has outputs but no input offsets
-            send_offsets_in_transaction(producer, batch_offsets(records), consumer.group_metadata(), ACK_TIMEOUT_S)
-        finish_transaction(producer, commit=True, timeout_s=ACK_TIMEOUT_S)
+            send_offsets_in_transaction(producer, batch_offsets(records), consumer.group_metadata(), self.kafka.ack_timeout_s)
+        finish_transaction(producer, commit=True, timeout_s=self.kafka.ack_timeout_s)
         for future in futures:
-            future.get(timeout=ACK_TIMEOUT_S)
+            future.get(timeout=self.kafka.ack_timeout_s)
+
+    def settle(self) -> None:
+        """A dropped producer's transaction (a commit that timed out may still land) is settled by its
+        successor's ``init_transactions``, which waits until the coordinator has committed or aborted
+        it: only then do the group's committed offsets say whether the batch has to run again."""
+        self.open()
 
     def abort(self) -> None:
         """Abort the open transaction; if even that fails, drop the producer (its successor aborts it)."""
@@ -140,6 +157,26 @@ class TransactionalDelivery(Delivery):
             except Exception:
                 logger.debug("close failed", exc_info=True)
             self.producer = None
+
+
+def stage_transactional_id(group: str, name: str) -> str:
+    """A stage replica's transactional id: stable per replica, so Ray's restart of an actor (same
+    name) fences the instance it replaces."""
+    return f"{group}.{name}"
+
+
+def fence(kafka: KafkaConfig, transactional_id: str) -> None:
+    """Abort now whatever a dead holder of ``transactional_id`` left open, and fence it.
+
+    A replica killed for good is never followed by a successor under its id, and the broker would
+    abort its open transaction only after the transaction timeout (kafka-python's 60 s), holding
+    back every read_committed consumer of the partitions it wrote to until then.
+    """
+    producer = make_producer(kafka, transactional_id=transactional_id, retry_backoff_ms=kafka.transaction_retry_backoff_ms)
+    try:
+        producer.init_transactions()  # bumps the epoch: the coordinator aborts the open transaction first
+    finally:
+        producer.close(timeout=5)
 
 
 def make_delivery(guarantee: str, kafka: KafkaConfig, name: str, transactional_id: str) -> Delivery:

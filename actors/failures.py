@@ -14,28 +14,34 @@ Like Kafka Streams' deserialization and production exception handlers, one funct
   rewound to the group's committed offsets and retried with capped, jittered exponential
   backoff; ``retries`` and ``last_error`` show it in the worker's stats.
 - ``fatal``: the stage must stop -- a newer instance of this replica fenced it
-  (``ProducerFencedError``), or a bug (anything else).
+  (``ProducerFencedError``), a secured broker refused it (``AuthorizationError``: its user has no ACL
+  for a topic, group or transactional id; ``refusal`` says which), or a bug (anything else).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+import kafka.errors
 from kafka import KafkaProducer
 from kafka.errors import (
+    AuthorizationError,
+    GroupAuthorizationFailedError,
     KafkaError,
     MessageSizeTooLargeError,
     ProducerFencedError,
     RecordListTooLargeError,
+    TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailedError,
 )
 
-from pipeline.errors import BrokerError, DecodeError, RecordTooLargeError, SinkError
+from pipeline.errors import AccessDeniedError, BrokerError, DecodeError, RecordTooLargeError, SinkError
 
-__all__ = ["FailureKind", "classify", "ErrorPolicy", "default_on_error", "DeadLetters", "Backoff"]
+__all__ = ["FailureKind", "classify", "refusal", "ErrorPolicy", "default_on_error", "DeadLetters", "Backoff"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +55,9 @@ PERMANENT: tuple[type[BaseException], ...] = (
 )
 """Failures of one record that no retry can fix: dead-letter it, commit, move on."""
 
-FATAL: tuple[type[BaseException], ...] = (ProducerFencedError, TransactionalIdAuthorizationFailedError)
-"""Kafka errors after which this replica must stop (another instance owns its transactional id)."""
+FATAL: tuple[type[BaseException], ...] = (ProducerFencedError, AuthorizationError, AccessDeniedError)
+"""Errors after which this replica must stop: another instance owns its transactional id, or the
+broker's ACLs refuse this stage's user something (retrying cannot change that)."""
 
 TRANSIENT: tuple[type[BaseException], ...] = (KafkaError, SinkError, BrokerError, TimeoutError, ConnectionError)
 """Failures of the batch's surroundings (broker, sink): abort, rewind, back off, retry."""
@@ -64,6 +71,7 @@ def classify(exc: BaseException) -> FailureKind:
         >>> classify(DecodeError("not JSON")), classify(SinkError("disk full")), classify(KeyError("bug"))
         ('permanent', 'transient', 'fatal')
     """
+    exc = named_failure(exc)
     if isinstance(exc, PERMANENT):
         return "permanent"
     if isinstance(exc, FATAL):
@@ -71,6 +79,51 @@ def classify(exc: BaseException) -> FailureKind:
     if isinstance(exc, TRANSIENT):
         return "transient"
     return "fatal"
+
+
+_ERROR_STATE = re.compile(r"in an error state: \[Error -?\d+\] (\w+)")
+
+
+def named_failure(exc: BaseException) -> BaseException:
+    """The failure a transactional producer's error state names, as its own class.
+
+    Once a background request of a transactional kafka-python producer fails (a newer instance
+    fenced it), every later call raises a bare ``KafkaError`` that only names that failure
+    ("... in an error state: [Error 90] ProducerFencedError"). Taken as transient, a fenced zombie
+    would drop its producer and start a new one under its transactional id, fencing its successor.
+
+    Example:
+        >>> type(named_failure(KafkaError("... in an error state: [Error 90] ProducerFencedError"))).__name__
+        'ProducerFencedError'
+    """
+    if type(exc) is not KafkaError:
+        return exc
+    match = _ERROR_STATE.search(str(exc))
+    named = getattr(kafka.errors, match.group(1), None) if match else None
+    if isinstance(named, type) and issubclass(named, KafkaError) and named is not KafkaError:
+        return named(str(exc))
+    return exc
+
+
+def refusal(exc: BaseException, user: str | None, stage: str) -> AccessDeniedError | None:
+    """One line saying what a secured broker refused, or None when ``exc`` is no refusal.
+
+    Example:
+        >>> str(refusal(TopicAuthorizationFailedError("vapipe.A.frames"), "crop", "crop"))  # doctest: +ELLIPSIS
+        "stage crop (Kafka user 'crop') refused by the broker: no ACL lets it write or read the topic ..."
+    """
+    if not isinstance(exc, AuthorizationError):
+        return None
+    what = {
+        TopicAuthorizationFailedError: "write or read the topic",
+        GroupAuthorizationFailedError: "use the consumer group",
+        TransactionalIdAuthorizationFailedError: "use the transactional id",
+    }.get(type(exc), "do this")
+    detail = str(exc).split(": ", 1)[-1] if ": " in str(exc) else str(exc)
+    return AccessDeniedError(
+        f"stage {stage} (Kafka user {user!r}) refused by the broker: no ACL lets it {what} {detail} "
+        f"({type(exc).__name__}); each role may use only its own topics, group and transactional ids (docs/security.md)"
+    )
 
 
 ErrorPolicy = Callable[[Exception, Any], bool]

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from actors.metrics import serve_metrics
 from actors.stages import read_table
 from cluster.clients import check_broker
 from cluster.reading import group_lag
@@ -48,6 +49,10 @@ logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 1.0
 """How often the driver asks the workers for their stats while a run drains."""
+FINISHING_POLL_S = 0.2
+"""How often once every producer has finished: only the run's end is awaited, and it is seen sooner."""
+LIVE_OPEN_TIMEOUT_S = 30.0
+"""How long a camera may take to send its first frame when a run checks its sources."""
 REJOIN_AFTER_S = 5.0
 """A replica still owning no partition this long after start-up is asked to rejoin its group."""
 
@@ -67,6 +72,8 @@ class RunPlan:
     run_id: str = field(default_factory=new_run_id)
     stall_timeout_s: float = 300.0
     include_dashboard: bool = True
+    start_after_s: dict[str, float] = field(default_factory=dict)
+    """Stream id -> seconds its producer waits before publishing (Ray engine; a step load for benchmarks)."""
 
 
 def validate_sources(sources: list[SourceSpec]) -> None:
@@ -78,14 +85,15 @@ def validate_sources(sources: list[SourceSpec]) -> None:
         if spec.stream_id in seen:
             raise ConfigError(f"two sources share the stream id {spec.stream_id!r}: name them with id=SOURCE")
         seen.add(spec.stream_id)
-        VideoSource(spec, max_frames=1).open().close()
+        # A camera that accepts and sends nothing must not hang the start: bounded like a reconnect.
+        VideoSource(spec, max_frames=1, timeout_s=LIVE_OPEN_TIMEOUT_S if spec.live else None).open().close()
 
 
 def _validate_model(settings: Settings, allow_calibration: bool) -> None:
     name = settings.model.name
     if is_calibration(name) and not allow_calibration:
         raise ConfigError(f"model {name!r} is the calibration detector (finds nothing); pass --calibration to use it on purpose")
-    check_model(name)
+    check_model(name, safe_only=settings.model.safe_formats_only)
 
 
 class Progress:
@@ -98,6 +106,10 @@ class Progress:
         self.t0 = time.time()
         self.timeline: list[dict[str, Any]] = []
         """One sample per poll: seconds since start, and per stage frames out, f/s and consumer lag."""
+        self.retired: list[WorkerStats] = []
+        """Final reports of replicas removed for good (autoscaling): their work still counts in the totals."""
+        self.metrics_url: str | None = None
+        """Where this run's Prometheus endpoint answers while it drains (None: off)."""
 
     def update(self, stats: list[dict[str, Any]]) -> None:
         self.fresh = {s["name"]: WorkerStats.from_dict(s) for s in stats}
@@ -110,7 +122,7 @@ class Progress:
         self.timeline.append(row)
 
     def stage(self, stage: str) -> list[WorkerStats]:
-        return [s for s in self.stats.values() if s.stage == stage]
+        return [s for s in [*self.stats.values(), *self.retired] if s.stage == stage]
 
     def total(self, stage: str, key: str) -> int:
         return sum(int(getattr(s, key) or 0) for s in self.stage(stage))
@@ -127,11 +139,33 @@ class Progress:
             parts.append(f"{stage} {self.total(stage, 'frames_out')} ({self.fps(stage):.1f} f/s, lag {self.lag(stage)})")
         return " | ".join(parts)
 
-    def streams_complete(self, stream_ids: list[str]) -> bool:
+    def streams_complete(self, stream_ids: list[str], published: dict[str, int] | None = None) -> bool:
+        """Every stream counted to its end; with ``published`` (stream -> frames numbered, this run's
+        producers), to that end: a named camera's table says complete from its last run until this
+        run's first frame reaches it."""
         # Any replica may hold an older copy of a stream it restored from the changelog but does
         # not own; only the owner ever sees the stream complete.
-        complete = {sid for s in self.stage("count") for sid, t in s.table.items() if t.get("complete")}
+        complete = {
+            sid
+            for s in self.stage("count")
+            for sid, t in s.table.items()
+            if t.get("complete") and (published is None or (t.get("frames_expected") or 0) >= published.get(sid, 0))
+        }
         return all(sid in complete for sid in stream_ids)
+
+    def streams_caught_up(self, published: dict[str, int]) -> bool:
+        """Every frame this run's producers numbered (stream -> frames numbered) is applied or skipped.
+
+        After Ctrl-C a file's producer stops without publishing its end, so that a later run resumes
+        it: the run is over once what was published is counted, although the stream is not complete.
+        """
+        handled: dict[str, int] = {}
+        for s in self.stage("count"):
+            for sid, t in s.table.items():
+                skipped = t.get("frames_skipped") or {}
+                n = int(t.get("frames_applied") or 0) + sum(int(v) for v in dict(skipped).values())
+                handled[sid] = max(handled.get(sid, 0), n)
+        return all(handled.get(sid, 0) >= n for sid, n in published.items())
 
     def latency(self) -> LatencyHistogram:
         """Capture-to-count latency of every frame the count replicas applied."""
@@ -205,13 +239,29 @@ def drain(
     Raises:
         PipelineError: a stage or producer failed, or nothing changed for ``plan.stall_timeout_s``.
     """
+    with serve_metrics(settings.metrics, lambda: list(progress.stats.values())) as url:
+        progress.metrics_url = url
+        try:
+            return _drain(settings, plan, workers, progress, on_progress, on_tick)
+        finally:
+            progress.metrics_url = None
+
+
+def _drain(
+    settings: Settings,
+    plan: RunPlan,
+    workers: Workers,
+    progress: Progress,
+    on_progress: Callable[[Progress], None] | None,
+    on_tick: Callable[[], None] | None,
+) -> dict[str, dict[str, Any]]:
     produced: dict[str, dict[str, Any]] = {}
-    stream_ids = [s.stream_id for s in plan.sources]
     last_change, last_line = time.monotonic(), ""
     interrupted = False
     while True:
         try:
-            time.sleep(POLL_INTERVAL_S)  # never spin on the workers
+            finishing = not workers.producers_left() and not (plan.follow and not interrupted)
+            time.sleep(FINISHING_POLL_S if finishing else POLL_INTERVAL_S)  # never spin on the workers
             produced.update(workers.finished_producers())
             stats = workers.poll()
         except KeyboardInterrupt:
@@ -228,11 +278,20 @@ def drain(
         if on_tick is not None:
             on_tick()
         line = progress.line()
+        following = plan.follow and not interrupted  # streams may still be added: run until Ctrl-C
         if line != last_line:
             last_change, last_line = time.monotonic(), line
-        elif time.monotonic() - last_change > plan.stall_timeout_s:
+        elif time.monotonic() - last_change > plan.stall_timeout_s and not following:
             raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}")
-        if workers.producers_left() or not progress.streams_complete(stream_ids):
+        if following:
+            continue
+        stream_ids = [s.stream_id for s in plan.sources]  # streams added while running included
+        published = {p["stream_id"]: p["frames_published"] for p in produced.values()}
+        if workers.producers_left():
+            continue
+        # Interrupted: a file stream stopped short of its end (a later run resumes it); drain what it published.
+        counted = progress.streams_caught_up(published) if interrupted else progress.streams_complete(stream_ids, published)
+        if not counted:
             continue
         lag = group_lag(settings.kafka, settings.group("crop"), [settings.topics.detected_frames.name])
         if sum(lag.values()) == 0:
@@ -273,7 +332,7 @@ def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
             return
         why = [f"{n} ({stats[n].waiting})" if n in stats and stats[n].waiting else n for n in not_ready]
         waiting = f"not ready: {', '.join(why) or '-'}; partitions not yet assigned: {', '.join(unowned) or '-'}"
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def summarise(
@@ -294,7 +353,7 @@ def summarise(
     return RunSummary(
         run_id=plan.run_id,
         model=settings.model.name,
-        sources={s.stream_id: s.uri for s in plan.sources},
+        sources={s.stream_id: s.display for s in plan.sources},
         replicas=dict(plan.replicas),
         frames_produced=frames,
         frames_skipped=sum(p["frames_skipped"] for p in produced.values()),

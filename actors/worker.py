@@ -18,19 +18,21 @@ moves on.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import TopicAuthorizationFailedError
 
-from actors.delivery import Delivery, batch_offsets, make_delivery
-from actors.failures import Backoff, DeadLetters, ErrorPolicy, classify, default_on_error
+from actors.delivery import Delivery, batch_offsets, make_delivery, stage_transactional_id
+from actors.failures import Backoff, DeadLetters, ErrorPolicy, classify, default_on_error, refusal
 from actors.meter import StageMeter
 from cluster.clients import make_consumer
 from pipeline.codecs import DecodeLimits
-from pipeline.config import Settings
+from pipeline.config import ROLES, Role, Settings
 from pipeline.errors import DecodeError
 from pipeline.stats import WorkerStats
 
@@ -53,7 +55,10 @@ class StageWorker:
     input_topic_attr: str = "frames"
 
     def __init__(self, settings: Settings, name: str, on_error: ErrorPolicy = default_on_error) -> None:
-        self.settings = settings
+        # Every client of this stage acts as its role (kafka.credentials.<stage>), so the broker's
+        # ACLs let it do only this stage's job.
+        self.settings = settings = settings.for_role(cast(Role, self.stage)) if self.stage in ROLES else settings
+        os.umask(settings.umask_bits())  # this actor's crops and files: 0750 folders, 0640 files by default
         self.name = name
         self.on_error = on_error
         self.consumer: KafkaConsumer | None = None
@@ -134,7 +139,7 @@ class StageWorker:
     @property
     def transactional_id(self) -> str:
         """Stable per replica: Ray restarts an actor under the same name, and the new one fences the old."""
-        return f"{self.settings.group(self.stage)}.{self.name}"
+        return stage_transactional_id(self.settings.group(self.stage), self.name)
 
     # -- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -202,7 +207,7 @@ class StageWorker:
                 if max_messages is not None:
                     limit = min(limit, max_messages - self.counters["records_in"])
                 try:
-                    polled = self.consumer.poll(timeout_ms=cfg.poll_timeout_ms, max_records=limit)
+                    records = self._poll_batch(limit, cfg.poll_timeout_ms, cfg.batch_wait_ms)
                 except Exception as exc:  # the broker restarting, or a rebalance callback that met it
                     if classify(exc) != "transient":
                         raise
@@ -210,8 +215,8 @@ class StageWorker:
                     logger.warning("%s: poll failed (%s); retrying", self.name, self.last_error)
                     self._stop.wait(self.backoff.failed())
                     continue
-                records = [r for batch in polled.values() for r in batch]
                 self.ready = True
+                self.meter.polled([r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0])
                 if not records:
                     self._measure_lag()
                     self.on_idle()
@@ -219,12 +224,32 @@ class StageWorker:
                 self.handle(records)
                 last_record = time.monotonic()
         except Exception as exc:
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            denied = refusal(exc, self.settings.kafka.sasl_username, self.stage)
+            self.last_error = str(denied) if denied else f"{type(exc).__name__}: {exc}"
+            if denied:
+                logger.error("%s: %s", self.name, denied)
+                raise denied from exc
             raise
         finally:
             self.running = False
             self.close()
         return self.stats()
+
+    def _poll_batch(self, limit: int, timeout_ms: int, wait_ms: int) -> list[Any]:
+        """Up to ``limit`` records from every assigned partition (so a batch spans streams); once the
+        first arrive, keep polling at most ``wait_ms`` to fill the batch, so a slow stream never
+        holds the others back for longer."""
+        assert self.consumer is not None
+        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=limit)
+        if not polled and self.input_topic in self.consumer._client.cluster.unauthorized_topics:
+            # kafka-python only logs a subscription the broker refuses; a stage would idle forever
+            raise TopicAuthorizationFailedError(self.input_topic)
+        records = [r for batch in polled.values() for r in batch]
+        deadline = time.monotonic() + wait_ms / 1000
+        while records and len(records) < limit and (left := deadline - time.monotonic()) > 0:
+            polled = self.consumer.poll(timeout_ms=max(1, int(left * 1000)), max_records=limit - len(records))
+            records += [r for batch in polled.values() for r in batch]
+        return records
 
     def handle(self, records: list[Any]) -> bool:
         """Process one polled batch, then make its outputs and offsets durable (one transaction
@@ -243,7 +268,9 @@ class StageWorker:
                 self.on_rewind()
                 self._needs_rewind_hook = False
             self.delivery.begin()
+            started = time.monotonic()
             futures = self.process(records) + self.dead_letters.take()
+            self.meter.handled(started)  # the stage's own work: per-batch commit costs shrink as batches grow
             self.delivery.complete(self.consumer, records, futures)
         except Exception as exc:
             kind = classify(exc)
@@ -327,6 +354,7 @@ class StageWorker:
         if not self._rewind_pending:
             return True
         try:
+            self.delivery.settle()  # a commit that timed out may land yet: read the offsets after it did or not
             self.rewind_to(self._rewind_pending)
         except Exception as exc:  # broker still gone: polling now would skip the failed batch
             if classify(exc) == "fatal":
@@ -398,16 +426,16 @@ class StageWorker:
         consumer = self.consumer
         if consumer is None:
             return
-        total = 0
+        per_partition: dict[str, int] = {}
         try:
             for tp in consumer.assignment():
                 high = consumer.highwater(tp)
                 if high is not None:
-                    total += max(high - consumer.position(tp, timeout_ms=1000), 0)
+                    per_partition[str(tp.partition)] = max(high - consumer.position(tp, timeout_ms=1000), 0)
         except Exception:  # best effort: stats must never break the loop
             logger.debug("lag measurement failed", exc_info=True)
             return
-        self.report_position(len(consumer.assignment()), total)
+        self.meter.position(len(consumer.assignment()), sum(per_partition.values()), per_partition)
 
     def fps(self) -> float:
         return self.meter.fps()
@@ -421,6 +449,9 @@ class StageWorker:
             assigned=self.meter.assigned,
             fps=round(self.meter.fps(), 2),
             lag=self.meter.lag,
+            partition_lag=dict(self.meter.partition_lag),
+            lag_s=self.meter.lag_s,
+            busy=self.meter.busy(),
             uptime_s=self.meter.uptime_s(),
             last_error=self.last_error,
             **self.counters,

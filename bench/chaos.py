@@ -13,7 +13,16 @@ actors' own counters:
   (unique vehicles, moving vehicles, line crossings: ``traffic_match``). Tracking steps over a
   frame that comes more than ``tracking.reorder_wait_s`` late, so a fault whose recovery takes
   longer than that changes them by design; set the wait above the recovery time to compare.
-  Faults that stall the producer (``CAPTURE_GAP_FAULTS``) change them by design too.
+  A stalled or restarted producer does not: a recording's frames carry its media time
+  (``pipeline.sources.CaptureClock``), which a restart continues.
+
+Faults that only exist with several machines (``LAB_FAULTS``) need the three-host lab
+(``cluster/lab.py``, ``vapipe chaos --lab``): a broker of three SIGKILLed, the GPU host's Ray
+worker killed and started again, the GPU host cut off from the brokers for ``hold_s`` seconds,
+and a count replica frozen (SIGSTOP) past its session timeout, then resumed as a zombie. Their
+recovery time runs from the end of the fault (the partition healed, the host or the zombie back;
+for the broker, from its death, as two of three must carry on), and ``fault_s`` says how long the
+fault lasted.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -45,7 +55,7 @@ from pipeline.messages import FrameDetections
 from pipeline.sources import parse_source
 from pipeline.stats import STAGES
 
-__all__ = ["CAPTURE_GAP_FAULTS", "FAULTS", "Injector", "chaos", "run_fault", "verify"]
+__all__ = ["FAULTS", "LAB_FAULTS", "Injector", "chaos", "run_fault", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +68,14 @@ FAULTS: dict[str, str] = {
     "kill-producer": "ray.kill of the producer mid-stream (it resumes after its committed frames)",
     "broker-restart": "the Kafka broker stopped and started again mid-run",
     "rebalance": "a replica added to every stage and one removed, mid-run",
+    "kill-broker": "lab: SIGKILL of one broker of three mid-run (unclean); it is started again 10 s later",
+    "kill-gpu-host": "lab: every Ray process of host3 (the GPU host) SIGKILLed mid-run, host3's worker started again",
+    "partition": "lab: host3 (the InterConsumers) cut off from the brokers' host for hold_s (30 s), then healed",
+    "zombie": "lab: a count replica frozen (SIGSTOP) past its session timeout, then resumed (SIGCONT)",
 }
 
-CAPTURE_GAP_FAULTS = frozenset({"kill-producer", "broker-restart"})
-"""Faults that stall the producer: the frames after the stall are stamped seconds later, a gap longer than
-``tracking.track_buffer_s``, so the tracker rightly starts new tracks there. Their tracked counts are
-reported (``traffic_match``) but are not part of the verdict; frames, crops and box totals still are."""
+LAB_FAULTS = frozenset({"kill-broker", "kill-gpu-host", "partition", "zombie"})
+"""Faults that only exist with several hosts: they need the lab (``cluster/lab.py``)."""
 
 
 @dataclass
@@ -76,28 +88,73 @@ class Injector:
     fault: str
     trigger_frames: int
     restart_broker: Callable[[], None] | None = None
+    lab: Any = None
+    """The ``cluster.lab.Lab`` the run is on, for ``LAB_FAULTS``."""
+    hold_s: float = 30.0
+    """How long a partition lasts."""
     fired_at: float | None = None
+    healed_at: float | None = None
     recovered_at: float | None = None
     counted_at_fire: int = 0
     notes: list[str] = field(default_factory=list)
+    _heal: Callable[[], None] | None = None
+    _heal_due: float = 0.0
+    _healing: threading.Thread | None = None
 
     def __call__(self, control: RunControl) -> None:
         counted = _counted(control)
         if self.fired_at is None:
-            watched = control.progress.total("producer", "frames_out") if self.fault == "kill-producer" else counted
+            # A partition cuts the InterConsumers off: fired while frames are still coming, so that they
+            # have work left to lose (counted frames trail the producer by the whole chain).
+            by_producer = self.fault in ("kill-producer", "partition")
+            watched = control.progress.total("producer", "frames_out") if by_producer else counted
             if watched >= self.trigger_frames:
                 self.counted_at_fire = counted
                 self.fired_at = time.monotonic()
                 self._fire(control)
+                if self._heal is None:
+                    self.healed_at = self.fired_at
+            return
+        if self.healed_at is None:
+            if self._healing is None and time.monotonic() >= self._heal_due:
+                # In a thread: starting a Ray node takes seconds, and the run keeps draining meanwhile.
+                self._healing = threading.Thread(target=self._run_heal, name=f"heal-{self.fault}", daemon=True)
+                self._healing.start()
             return
         if self.recovered_at is None and counted > self.counted_at_fire and set(control.actors) <= set(control.progress.fresh):
             self.recovered_at = time.monotonic()
 
+    def close(self) -> None:
+        """Heal a fault the run outlived (it drained before the heal was due): the next run starts whole."""
+        if self._healing is not None:
+            self._healing.join(timeout=120)
+        elif self._heal is not None and self.healed_at is None:
+            logger.warning("chaos: the run finished before %s healed; healing it now", self.fault)
+            self._run_heal()
+
+    def _run_heal(self) -> None:
+        assert self._heal is not None
+        try:
+            self._heal()
+        finally:
+            self.healed_at = time.monotonic()
+
+    def _after(self, delay_s: float, heal: Callable[[], None], counted: int) -> None:
+        self._heal, self._heal_due = heal, time.monotonic() + delay_s
+        self.counted_at_fire = counted
+
     @property
     def recovery_s(self) -> float | None:
-        if self.fired_at is None or self.recovered_at is None:
+        if self.healed_at is None or self.recovered_at is None:
             return None
-        return round(self.recovered_at - self.fired_at, 2)
+        return round(self.recovered_at - self.healed_at, 2)
+
+    @property
+    def fault_s(self) -> float | None:
+        """How long the fault lasted: a partition, a frozen replica, a host down (0 for instant faults)."""
+        if self.fired_at is None or self.healed_at is None:
+            return None
+        return round(self.healed_at - self.fired_at, 2)
 
     def _fire(self, control: RunControl) -> None:
         import ray
@@ -122,8 +179,41 @@ class Injector:
             for stage in STAGES:
                 control.remove_replica(f"{stage}-0")
                 self.notes.append(f"-{stage}-0")
+        elif fault in LAB_FAULTS:
+            self._fire_lab(control)
         elif fault != "none":
             raise PipelineError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+
+    def _fire_lab(self, control: RunControl) -> None:
+        lab, fault = self.lab, self.fault
+        if lab is None:
+            raise PipelineError(f"fault {fault} needs the three-host lab: run `vapipe chaos --lab`")
+        if fault == "kill-broker":
+            node = lab.kafka().nodes[1]
+            self.notes.append(f"broker {node.node_id} (pid {node.kill()}) SIGKILLed")
+            # The cluster must carry on with two; the broker comes back later, so the next run has three.
+            restart = threading.Timer(10.0, node.start)
+            restart.daemon = True
+            restart.start()
+        elif fault == "kill-gpu-host":
+            self.notes.append(f"host3: {len(lab.kill_ray('host3'))} Ray processes SIGKILLed")
+            self._after(5.0, lambda: lab.start_ray("host3"), _counted(control))
+        elif fault == "partition":
+            lab.partition("host3", "host1")
+            self.notes.append(f"host3 cut off from host1 for {self.hold_s:g}s")
+            self._after(self.hold_s, lambda: lab.heal("host3", "host1"), _counted(control))
+        elif fault == "zombie":
+            pid = int(control.progress.stats["count-0"].pid)
+            frozen_s = control.settings.kafka.session_timeout_ms / 1000 + 5
+            os.kill(pid, signal.SIGSTOP)
+            self.notes.append(f"count-0 (pid {pid}) stopped for {frozen_s:g}s")
+            self._after(frozen_s, lambda: os.kill(pid, signal.SIGCONT), _counted(control))
+
+
+def _actor_hosts(actors: dict[str, dict[str, Any]], lab: Any) -> dict[str, str]:
+    """Actor -> the node it ended on (the lab's host name where there is a lab)."""
+    by_ip = {} if lab is None else {lab.spec.address(h): h for h in ("host1", "host2", "host3")}
+    return {name: by_ip.get(a.get("node") or "", a.get("node") or "?") for name, a in actors.items()}
 
 
 def _counted(control: RunControl) -> int:
@@ -176,6 +266,8 @@ def run_fault(
     replicas: int = 2,
     restart_broker: Callable[[], None] | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    lab: Any = None,
+    hold_s: float = 30.0,
 ) -> tuple[dict[str, Any], set[tuple[int, int, str]]]:
     """One pipeline run of ``frames`` frames with ``fault`` injected; returns its row and its crop keys."""
     if fault not in FAULTS:
@@ -184,7 +276,9 @@ def run_fault(
     s = isolated(settings).model_copy(
         update={"output_dir": str(Path(settings.output_dir) / "chaos" / f"{fault}-{uuid.uuid4().hex[:6]}")}
     )
-    injector = Injector(fault, trigger_frames=max(1, frames // 3), restart_broker=restart_broker)
+    if fault in LAB_FAULTS and lab is None:
+        raise PipelineError(f"fault {fault} needs the three-host lab: run `vapipe chaos --lab`")
+    injector = Injector(fault, trigger_frames=max(1, frames // 3), restart_broker=restart_broker, lab=lab, hold_s=hold_s)
     plan = RunPlan(
         sources=[parse_source(video, stream_id="chaos")],
         replicas={stage: replicas for stage in STAGES},
@@ -202,7 +296,9 @@ def run_fault(
             dead_lettered=sum(summary["dead_lettered"].values()),
             retried_batches=sum(summary["retried_batches"].values()),
             recovery_s=injector.recovery_s,
+            fault_s=injector.fault_s,
             injected=injector.fired_at is not None,
+            nodes=_actor_hosts(summary["actors"], lab),
             wall_s=summary["wall_s"],
             notes=" ".join(injector.notes),
             vehicle_totals=summary["vehicle_totals"],
@@ -210,6 +306,7 @@ def run_fault(
         )
         return row, crops
     finally:
+        injector.close()
         delete_topics(s.kafka, [getattr(s.topics, k).name for k in TOPIC_KEYS])
 
 
@@ -221,8 +318,16 @@ def chaos(
     replicas: int = 2,
     restart_broker: Callable[[], None] | None = None,
     on_progress: Callable[[Any], None] | None = None,
+    lab: Any = None,
+    hold_s: float = 30.0,
 ) -> dict[str, Any]:
-    """Run every fault on the same input; the first run (``none`` unless left out) is the crop reference."""
+    """Run every fault on the same input; the first run (``none`` unless left out) is the crop reference.
+
+    With ``lab`` (a ``cluster.lab.Lab``), the runs go to the lab's brokers and Ray head and may include
+    ``LAB_FAULTS``; this process must then run on the lab's host2 (``vapipe chaos --lab`` sees to it).
+    """
+    if lab is not None:
+        settings = lab.settings(settings)
     check_broker(settings.kafka)
     unknown = [f for f in faults if f not in FAULTS]
     if unknown:
@@ -234,7 +339,16 @@ def chaos(
     reference_traffic: dict[str, Any] | None = None
     with ray_session(settings.ray, include_dashboard=False):
         for fault in ["none"] + [f for f in faults if f != "none"]:
-            row, crops = run_fault(settings, video, frames, fault, replicas, restart_broker, on_progress)
+            try:
+                row, crops = run_fault(settings, video, frames, fault, replicas, restart_broker, on_progress, lab, hold_s)
+            except Exception as exc:  # a PipelineError, or Ray's own (an actor lost for good)
+                if reference is None:
+                    raise
+                # One fault that broke its run is a row of the table (and a failed fault), not the end of the table.
+                why = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                logger.warning("chaos %s: the run failed: %s", fault, why)
+                rows.append({"fault": fault, "error": why[:300], "lost": None, "counted_twice": None})
+                continue
             if reference is None:
                 reference, reference_table, reference_traffic = crops, row["vehicle_totals"], row["traffic"]
             row["crops_expected"] = len(reference)
@@ -249,6 +363,7 @@ def chaos(
         "frames": frames,
         "replicas": replicas,
         "processing_guarantee": settings.processing_guarantee,
+        "lab": None if lab is None else {"brokers": lab.spec.brokers, "head": lab.spec.head, "bootstrap": lab.spec.bootstrap},
         "rows": rows,
         **environment(settings),
     }
@@ -267,6 +382,7 @@ TABLE_COLUMNS = (
     "traffic_match",
     "dead_lettered",
     "recovery_s",
+    "fault_s",
 )
 
 
@@ -280,8 +396,9 @@ def failed_faults(result: dict[str, Any]) -> list[str]:
     return [
         r["fault"]
         for r in result["rows"]
-        if r["lost"]
+        if r.get("error")
+        or r["lost"]
         or r["counted_twice"]
         or not (r["crops_match"] and r["table_match"])
-        or (not r.get("traffic_match", True) and r["fault"] not in CAPTURE_GAP_FAULTS)
+        or not r.get("traffic_match", True)
     ]

@@ -117,6 +117,29 @@ def _compare_plots(result: dict[str, Any], out: Path) -> list[str]:
     return ["compare.png"]
 
 
+def _ceiling_plots(result: dict[str, Any], out: Path) -> list[str]:
+    """Frames/s per consumer (bare loop and pipeline) and total, against replicas."""
+    plt = _plt()
+    table = result["table"]
+    reps = [t["replicas"] for t in table]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), dpi=80)
+    for key, label in (("bare_fps", "bare kafka-python loop"), ("pipeline_fps", "InterConsumer (sleep:0ms)")):
+        axes[0].plot(reps, [t[key] for t in table], "o-", label=label)
+        axes[1].plot(reps, [t[key.replace("fps", "fps_per_consumer")] for t in table], "o-", label=label)
+    if any(t.get("end_to_end_fps") for t in table):
+        axes[0].plot(reps, [t.get("end_to_end_fps") or 0 for t in table], "s--", label="whole pipeline, end to end")
+    axes[0].set(xlabel="replicas", ylabel="frames/s", title="total")
+    axes[1].set(xlabel="replicas", ylabel="frames/s", title="per consumer")
+    for ax in axes:
+        ax.set_xticks(reps)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ceiling.png")
+    plt.close(fig)
+    return ["ceiling.png"]
+
+
 def _md_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -135,7 +158,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, command: list[str]
     rows = result.get("rows") or [result]
     flat = [{k: v for k, v in r.items() if not isinstance(v, dict | list)} for r in rows]
     with open(out / f"{name}.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(flat[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
         writer.writeheader()
         writer.writerows(flat)
     plots: list[str] = []
@@ -145,6 +168,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, command: list[str]
         plots = _sweep_plots(result, out)
     elif name == "compare":
         plots = _compare_plots(result, out)
+    elif name == "ceiling":
+        plots = _ceiling_plots(result, out)
     cmd = " ".join(shlex.quote(a) for a in (command or ["vapipe", *sys.argv[1:]]))
     md = [
         f"# {name} benchmark",
@@ -159,6 +184,19 @@ def write_report(result: dict[str, Any], out_dir: str | Path, command: list[str]
     ]
     if "table" in result:
         md += ["## Summary", "", _md_table(result["table"]), ""]
+    profile = result.get("profile")
+    if profile:
+        md += [
+            "## Profile of one InterConsumer (cProfile, per frame)",
+            "",
+            f"Own time of every function: {profile['total_us_per_frame']} µs per frame "
+            f"(under cProfile, which inflates Python calls). Cumulative time of the main steps (µs per frame):",
+            "",
+            _md_table([profile["buckets"]]),
+            "",
+            _md_table(profile["top"]),
+            "",
+        ]
     md += ["## Runs", "", _md_table(flat), ""]
     md += [f"![{p}]({p})" for p in plots]
     (out / "README.md").write_text("\n".join(md) + "\n")

@@ -1,10 +1,15 @@
-"""Run a single-node Apache Kafka 4.x broker in KRaft mode from Maven-resolved jars.
+"""Run Apache Kafka 4.x in KRaft mode from Maven-resolved jars: one broker, or a cluster of several.
 
 ``install`` resolves ``org.apache.kafka:kafka_2.13`` and its runtime dependencies
 with Maven from ``cluster/kafka/pom.xml`` into a cache folder, once. If
 ``KAFKA_HOME`` points at an official distribution, its ``libs/`` is used instead.
 ``start`` writes ``server.properties`` from the config, formats storage on first
 use, launches the broker in the background and waits until it answers.
+
+``KafkaCluster`` runs ``n`` such processes from the same jars, every one both broker and
+controller (one controller quorum of ``n`` voters), node ``i`` on ports ``port + 2(i-1)`` and
+``controller_port + 2(i-1)`` with its files in ``state_dir/node-<i>``; internal topics are
+replicated to all of them (at most 3) with ``min.insync.replicas=2``.
 """
 
 from __future__ import annotations
@@ -20,13 +25,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from cluster.security import admin_config, ensure_material, scram_format_args, secure_properties, security_files, write_private
 from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError
 
-__all__ = ["BrokerStatus", "KafkaBroker", "local_broker", "server_properties", "POM_PATH"]
+__all__ = ["BrokerStatus", "KafkaBroker", "KafkaCluster", "local_broker", "server_properties", "POM_PATH"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +50,34 @@ class BrokerStatus:
     ready_s: float | None = None
 
 
-def server_properties(cfg: BrokerConfig, data_dir: Path, max_message_bytes: int) -> str:
-    """The broker's ``server.properties``: combined broker+controller, one node, frame-sized messages."""
+def _controller_host(cfg: BrokerConfig) -> str:
+    return "127.0.0.1" if cfg.listen_host in ("0.0.0.0", "::") else cfg.listen_host
+
+
+def server_properties(
+    cfg: BrokerConfig, data_dir: Path, max_message_bytes: int, node_id: int = 1, voters: str | None = None
+) -> str:
+    """The broker's ``server.properties``: combined broker+controller, frame-sized messages.
+
+    Args:
+        node_id: this node's id in the quorum.
+        voters: ``controller.quorum.voters`` of a cluster (``1@host:port,2@...``); None: this node alone.
+    """
     advertised = cfg.advertised_host or cfg.listen_host
     if advertised in ("0.0.0.0", "::"):
         raise BrokerError(
             f"broker.advertised_host must be set to an address other machines can reach when listen_host is {cfg.listen_host}"
         )
-    controller_host = "127.0.0.1" if cfg.listen_host in ("0.0.0.0", "::") else cfg.listen_host
+    controller_host = _controller_host(cfg)
+    nodes = len(voters.split(",")) if voters else 1
+    # Internal topics on every node (at most 3); with several, a write needs 2 in sync, so one may die.
+    replication, min_isr = str(min(nodes, 3)), str(min(nodes, 2))
     # Room for headers and batch overhead on top of the largest frame.
     limit = max_message_bytes + 1024 * 1024
     lines = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.voters": f"1@{controller_host}:{cfg.controller_port}",
+        "node.id": str(node_id),
+        "controller.quorum.voters": voters or f"{node_id}@{controller_host}:{cfg.controller_port}",
         "listeners": f"PLAINTEXT://{cfg.listen_host}:{cfg.port},CONTROLLER://{controller_host}:{cfg.controller_port}",
         # What clients are told to connect to: must be reachable from every Ray node.
         "advertised.listeners": f"PLAINTEXT://{advertised}:{cfg.port}",
@@ -66,11 +86,13 @@ def server_properties(cfg: BrokerConfig, data_dir: Path, max_message_bytes: int)
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(data_dir),
         "num.partitions": "6",
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "offsets.topic.replication.factor": replication,
+        "transaction.state.log.replication.factor": replication,
+        "transaction.state.log.min.isr": min_isr,
+        "share.coordinator.state.topic.replication.factor": replication,
+        "share.coordinator.state.topic.min.isr": min_isr,
+        "default.replication.factor": replication,
+        "min.insync.replicas": min_isr,
         "group.initial.rebalance.delay.ms": "0",
         "message.max.bytes": str(limit),
         "replica.fetch.max.bytes": str(limit),
@@ -97,6 +119,19 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def _reap(pid: int) -> None:
+    """Collect a broker that is our child (tests start and stop it in one process)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def new_cluster_id() -> str:
+    """A KRaft cluster id: 16 random bytes, base64url without padding (what ``kafka-storage random-uuid`` prints)."""
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -105,16 +140,42 @@ def _cmdline(pid: int) -> str:
 
 
 class KafkaBroker:
-    """Installs, starts, stops and reports the broker whose files live in ``state_dir``."""
+    """Installs, starts, stops and reports the broker whose files live in ``state_dir``.
 
-    def __init__(self, broker: BrokerConfig, kafka: KafkaConfig | None = None) -> None:
+    Args:
+        node_id, voters, cluster_id: its place in a ``KafkaCluster`` (defaults: a cluster of one).
+        wrap: command prefix the JVM is started under, e.g. ``ip netns exec <host>`` (the lab).
+        security_dir: the folder whose ``security/`` a secured node uses: a cluster's nodes share
+            one CA, one broker certificate and one set of users (default: its own ``state_dir``).
+        cert_hosts: more names the broker certificate must cover (every node's, in a cluster).
+    """
+
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        kafka: KafkaConfig | None = None,
+        *,
+        node_id: int = 1,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        wrap: tuple[str, ...] = (),
+        security_dir: Path | None = None,
+        cert_hosts: tuple[str, ...] = (),
+    ) -> None:
         self.cfg = broker
+        self.node_id, self.voters, self.cluster_id, self.wrap = node_id, voters, cluster_id, wrap
         self.kafka = kafka or KafkaConfig(bootstrap_servers=f"{broker.advertised_host or broker.listen_host}:{broker.port}")
         self.state_dir = Path(broker.state_dir).expanduser().resolve()
         self.data_dir = self.state_dir / "data"
         self.log_dir = self.state_dir / "logs"
         self.pid_file = self.state_dir / "broker.pid"
         self.props_file = self.state_dir / "server.properties"
+        self.security_dir = security_dir or self.state_dir
+        self.cert_hosts = cert_hosts
+        self.security = security_files(broker, self.security_dir)
+        """Set when this broker is secured (``broker.secure`` or a state folder secured before)."""
+        if self.security is not None:
+            self.kafka = admin_config(self.kafka, self.security)
 
     @property
     def bootstrap(self) -> str:
@@ -183,8 +244,14 @@ class KafkaBroker:
 
     def _format(self, java: str, classpath: str) -> None:
         if (self.data_dir / "meta.properties").exists():
+            if self.security is not None and not self._formatted_marker.exists():
+                raise BrokerError(
+                    f"{self.data_dir} was formatted without --secure, so it has no users: stop the broker and "
+                    "delete that folder to start a secured one"
+                )
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        extra = scram_format_args(self.security) if self.security is not None else []
+        cluster_id = self.cluster_id or new_cluster_id()
         proc = subprocess.run(
             [
                 java,
@@ -197,30 +264,52 @@ class KafkaBroker:
                 f"--cluster-id={cluster_id}",
                 "-c",
                 str(self.props_file),
+                *extra,
             ],
             capture_output=True,
             text=True,
         )
         if proc.returncode != 0:
             raise BrokerError(f"formatting Kafka storage failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        if self.security is not None:
+            self._formatted_marker.write_text("SCRAM users created\n")
+
+    @property
+    def _formatted_marker(self) -> Path:
+        """Written once this node's storage holds the SCRAM users (one per node of a secured cluster)."""
+        assert self.security is not None
+        return self.security.root / ("formatted" if self.voters is None else f"formatted-node-{self.node_id}")
 
     def start(self) -> BrokerStatus:
         """Start the broker unless this state folder's broker already runs; wait until it answers."""
         pid = self._running_pid()
         if pid is not None:
             return BrokerStatus(True, pid, self.bootstrap, str(self.state_dir), already_running=True)
+        t0 = time.monotonic()
+        proc = self.launch()
+        self._wait_ready(proc, t0)
+        ready = time.monotonic() - t0
+        logger.info("broker ready at %s after %.1fs", self.bootstrap, ready)
+        return BrokerStatus(True, proc.pid, self.bootstrap, str(self.state_dir), ready_s=ready)
+
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start the JVM without waiting for it: a quorum of several answers only once a majority runs."""
         java = shutil.which("java")
         if java is None:
             raise BrokerError("java not found: Kafka 4 needs Java 17 or newer on PATH")
         classpath = self.classpath()
         for folder in (self.data_dir, self.log_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        self.props_file.write_text(server_properties(self.cfg, self.data_dir, self.kafka.max_message_bytes))
+        props = server_properties(self.cfg, self.data_dir, self.kafka.max_message_bytes, self.node_id, self.voters)
+        if self.security is not None:
+            hosts = [self.cfg.listen_host, self.cfg.advertised_host or "", *self.cert_hosts]
+            props = secure_properties(props, ensure_material(self.security_dir, hosts), self.cfg.ssl_client_auth)
+        write_private(self.props_file, props.encode())  # holds the brokers' own password when secured
         self._format(java, classpath)
         out = open(self.log_dir / "broker.out", "ab")  # noqa: SIM115 - handed to the broker process, closed below
-        t0 = time.monotonic()
         proc = subprocess.Popen(
             [
+                *self.wrap,
                 java,
                 f"-Xmx{self.cfg.heap}",
                 f"-Xms{self.cfg.heap}",
@@ -239,11 +328,17 @@ class KafkaBroker:
             start_new_session=True,
         )
         out.close()
+        # ``ip netns exec`` execs the JVM in its own process, so the pid is the broker's.
         self.pid_file.write_text(f"{proc.pid}\n")
-        self._wait_ready(proc, t0)
-        ready = time.monotonic() - t0
-        logger.info("broker ready at %s after %.1fs", self.bootstrap, ready)
-        return BrokerStatus(True, proc.pid, self.bootstrap, str(self.state_dir), ready_s=ready)
+        return proc
+
+    def kill(self) -> int | None:
+        """SIGKILL the broker (an unclean crash, for chaos); returns its pid, None if none ran."""
+        pid = self._running_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+        return pid
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], t0: float) -> None:
         import socket
@@ -290,10 +385,7 @@ class KafkaBroker:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and _pid_alive(pid):
-            try:  # reap it if it is our child (tests start and stop in one process)
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+            _reap(pid)
             time.sleep(0.2)
         if _pid_alive(pid):
             logger.warning("broker %d ignored SIGTERM for %.0fs; killing it", pid, timeout_s)
@@ -306,6 +398,102 @@ class KafkaBroker:
         if not path.exists():
             return ""
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class KafkaCluster:
+    """``n`` KRaft nodes from the same jars, each broker and controller, one controller quorum.
+
+    With ``n == 1`` it is the single broker of ``KafkaBroker`` in ``state_dir`` itself, so
+    ``vapipe kafka start`` and ``vapipe kafka start --brokers 1`` are the same broker.
+    """
+
+    def __init__(self, broker: BrokerConfig, kafka: KafkaConfig | None = None, n: int = 1, wrap: tuple[str, ...] = ()) -> None:
+        if n < 1:
+            raise BrokerError(f"a Kafka cluster needs at least one broker, got {n}")
+        self.cfg, self.n = broker, n
+        self.state_dir = Path(broker.state_dir).expanduser().resolve()
+        if n == 1:
+            self.nodes = [KafkaBroker(broker, kafka, wrap=wrap)]
+            self.security = self.nodes[0].security
+            return
+        id_file = self.state_dir / "cluster.id"
+        if not id_file.exists():
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(new_cluster_id() + "\n")
+        cluster_id = id_file.read_text().strip()
+        configs = [
+            broker.model_copy(
+                update={
+                    "port": broker.port + 2 * i,
+                    "controller_port": broker.controller_port + 2 * i,
+                    "state_dir": str(self.state_dir / f"node-{i + 1}"),
+                }
+            )
+            for i in range(n)
+        ]
+        voters = ",".join(f"{i + 1}@{_controller_host(c)}:{c.controller_port}" for i, c in enumerate(configs))
+        kafka = kafka or KafkaConfig(bootstrap_servers=",".join(KafkaBroker(c).bootstrap for c in configs))
+        # Secured: one CA, certificate and user set for all nodes, in the cluster's own folder.
+        hosts = tuple(sorted({h for c in configs for h in (c.listen_host, c.advertised_host or "") if h}))
+        self.nodes = [
+            KafkaBroker(
+                c,
+                kafka,
+                node_id=i + 1,
+                voters=voters,
+                cluster_id=cluster_id,
+                wrap=wrap,
+                security_dir=self.state_dir,
+                cert_hosts=hosts,
+            )
+            for i, c in enumerate(configs)
+        ]
+        self.security = self.nodes[0].security
+        """The shared security folder when the cluster is secured."""
+
+    @classmethod
+    def existing(cls, broker: BrokerConfig, kafka: KafkaConfig | None = None) -> KafkaCluster:
+        """The cluster whose files are in ``state_dir``: as many nodes as it has ``node-*`` folders."""
+        state = Path(broker.state_dir).expanduser().resolve()
+        return cls(broker, kafka, max(1, len(list(state.glob("node-*/server.properties")))))
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    @property
+    def admin_kafka(self) -> KafkaConfig:
+        """Client settings that reach every node, as the admin user when the cluster is secured."""
+        return self.nodes[0].kafka.model_copy(update={"bootstrap_servers": self.bootstrap})
+
+    def start(self) -> list[BrokerStatus]:
+        """Start every node that is not running, then wait until each answers."""
+        t0 = time.monotonic()
+        launched = {}
+        for node in self.nodes:
+            if node._running_pid() is None:
+                launched[node.node_id] = node.launch()
+        out = []
+        for node in self.nodes:
+            proc = launched.get(node.node_id)
+            if proc is None:
+                out.append(replace(node.status(), already_running=True))
+                continue
+            try:
+                node._wait_ready(proc, t0)
+            except BrokerError:
+                self.stop()
+                raise
+            out.append(BrokerStatus(True, proc.pid, node.bootstrap, str(node.state_dir), ready_s=time.monotonic() - t0))
+        return out
+
+    def stop(self) -> bool:
+        """Stop every node; returns whether any was running."""
+        stopped = [node.stop() for node in self.nodes]
+        return any(stopped)
+
+    def status(self) -> list[BrokerStatus]:
+        return [node.status() for node in self.nodes]
 
 
 @contextmanager

@@ -7,6 +7,9 @@ within ``kafka.connect_timeout_s`` with a message naming the address.
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -30,8 +33,35 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def sasl_password(cfg: KafkaConfig) -> str | None:
+    """The configured password, read from ``sasl_password_file`` here (on the machine making the client).
+
+    Raises:
+        BrokerError: the file cannot be read (names the file, never its content).
+    """
+    if cfg.sasl_password is not None:
+        return cfg.sasl_password.get_secret_value()
+    if not cfg.sasl_password_file:
+        return None
+    path = Path(cfg.sasl_password_file).expanduser()
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise BrokerError(
+            f"cannot read the Kafka password of user {cfg.sasl_username!r} from {path}: {exc.strerror or exc}"
+        ) from None
+
+
+def _file(name: str | None) -> str | None:
+    return str(Path(name).expanduser()) if name else None
+
+
 def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
-    """Connection settings shared by producers, consumers and the admin client."""
+    """Connection settings shared by producers, consumers and the admin client.
+
+    Raises:
+        BrokerError: a SASL protocol without a user or password (no credentials for this role).
+    """
     timeout_ms = int(cfg.connect_timeout_s * 1000)
     kwargs: dict[str, Any] = {
         "bootstrap_servers": cfg.hosts(),
@@ -39,21 +69,85 @@ def client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
         "bootstrap_timeout_ms": timeout_ms,
         "reconnect_backoff_max_ms": 2000,
     }
-    if cfg.sasl_mechanism:
+    if cfg.security_protocol.startswith("SASL"):
+        password = sasl_password(cfg)
+        if not cfg.sasl_username or password is None:
+            raise BrokerError(
+                f"no Kafka credentials: {cfg.security_protocol} at {cfg.bootstrap_servers} needs kafka.sasl_username and a "
+                "password (or kafka.credentials.<role>); `vapipe kafka users` on the broker machine says how"
+            )
         kwargs["sasl_mechanism"] = cfg.sasl_mechanism
         kwargs["sasl_plain_username"] = cfg.sasl_username
-        kwargs["sasl_plain_password"] = cfg.sasl_password.get_secret_value() if cfg.sasl_password else None
-    if cfg.ssl_cafile:
-        kwargs["ssl_cafile"] = cfg.ssl_cafile
+        kwargs["sasl_plain_password"] = password
+    if cfg.security_protocol in ("SSL", "SASL_SSL"):
+        kwargs["ssl_check_hostname"] = cfg.ssl_check_hostname
+        kwargs["ssl_cafile"] = _file(cfg.ssl_cafile)
+        kwargs["ssl_certfile"] = _file(cfg.ssl_certfile)
+        kwargs["ssl_keyfile"] = _file(cfg.ssl_keyfile)
     kwargs.update(cfg.extra)
     return kwargs
 
 
 def _unreachable(cfg: KafkaConfig, exc: Exception) -> BrokerError:
+    cause = _security_cause(cfg, exc)
+    if cause:
+        return BrokerError(f"Kafka broker at {cfg.bootstrap_servers} refused the connection: {cause}")
     return BrokerError(
         f"Kafka broker unreachable at {cfg.bootstrap_servers} (waited {cfg.connect_timeout_s:g}s): "
         f"{type(exc).__name__}; start one with `vapipe kafka start` or set kafka.bootstrap_servers"
     )
+
+
+def _security_cause(cfg: KafkaConfig, exc: BaseException) -> str | None:
+    """Why a connection failed, when security is the reason: a wrong password, an untrusted or
+    mismatched certificate, a plaintext client talking to a TLS listener. None otherwise.
+
+    kafka-python reports all of these as "no broker available"; the cause is in the exception chain,
+    or found by one TLS handshake with the first broker.
+    """
+    text = " ".join(str(e) for e in _chain(exc))
+    if "Authentication failed" in text or "SaslAuthenticationFailed" in text or "authentication failed" in text:
+        return f"authentication of user {cfg.sasl_username!r} failed (wrong password or no such user)"
+    host, _, port = cfg.hosts()[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=min(cfg.connect_timeout_s, 5)) as sock:
+            if cfg.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+                probe = ssl.create_default_context()
+                probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE
+                with probe.wrap_socket(sock, server_hostname=host):
+                    return (
+                        f"it speaks TLS and this client {cfg.security_protocol}: set kafka.security_protocol=SASL_SSL, "
+                        "kafka.ssl_cafile and credentials (`vapipe kafka users`)"
+                    )
+            context = ssl.create_default_context(cafile=_file(cfg.ssl_cafile))
+            context.check_hostname = cfg.ssl_check_hostname
+            if cfg.ssl_certfile:
+                context.load_cert_chain(str(_file(cfg.ssl_certfile)), _file(cfg.ssl_keyfile))
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                tls.settimeout(1.0)  # TLS 1.3: a missing client certificate is refused after the handshake
+                try:
+                    tls.recv(1)
+                except ssl.SSLError as err:
+                    if "certificate" in str(err).lower():
+                        return "it requires a client certificate (mTLS): set kafka.ssl_certfile and kafka.ssl_keyfile"
+                except OSError:
+                    pass
+            if cfg.security_protocol == "SASL_SSL":  # TLS is fine and the broker answers: SASL refused us
+                return f"authentication of user {cfg.sasl_username!r} failed (wrong password or no such user)"
+    except ssl.SSLCertVerificationError as err:
+        trust = f"kafka.ssl_cafile={cfg.ssl_cafile}" if cfg.ssl_cafile else "the system's CAs (kafka.ssl_cafile is not set)"
+        return f"its certificate is not trusted by {trust}: {err.verify_message}"
+    except (ssl.SSLError, OSError, ValueError):
+        return None
+    return None
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    out: list[BaseException] = []
+    while exc is not None and len(out) < 10:
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
 
 
 def make_producer(cfg: KafkaConfig, **overrides: Any) -> KafkaProducer:
@@ -64,7 +158,7 @@ def make_producer(cfg: KafkaConfig, **overrides: Any) -> KafkaProducer:
         "max_request_size": cfg.max_message_bytes,
         "acks": "all",
         "retries": 10,
-        "request_timeout_ms": 30000,
+        "request_timeout_ms": cfg.request_timeout_ms,
     }
     kwargs.update(overrides)
     try:
@@ -128,7 +222,8 @@ def make_admin(cfg: KafkaConfig) -> KafkaAdminClient:
     except (KafkaConnectionError, KafkaTimeoutError) as exc:
         raise _unreachable(cfg, exc) from None
     except KafkaError as exc:
-        raise BrokerError(f"Kafka broker at {cfg.bootstrap_servers} refused the admin client: {exc}") from None
+        cause = _security_cause(cfg, exc)
+        raise BrokerError(f"Kafka broker at {cfg.bootstrap_servers} refused the admin client: {cause or exc}") from None
 
 
 def check_broker(cfg: KafkaConfig) -> dict[str, Any]:

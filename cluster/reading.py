@@ -16,7 +16,7 @@ from cluster.clients import make_admin, make_consumer
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
 
-__all__ = ["read_all", "end_offsets", "records_in_range", "group_lag"]
+__all__ = ["read_all", "read_partitions", "end_offsets", "records_in_range", "group_lag"]
 
 
 def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0, settled: bool = False) -> list[Any]:
@@ -30,14 +30,43 @@ def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0, settled: boo
     Raises:
         BrokerError: the topic could not be read to its end within ``timeout_s``.
     """
+    return read_partitions(cfg, topic, None, timeout_s=timeout_s, settled=settled)[0]
+
+
+def read_partitions(
+    cfg: KafkaConfig,
+    topic: str,
+    starts: dict[int, int] | None,
+    timeout_s: float = 60.0,
+    settled: bool = False,
+) -> tuple[list[Any], dict[int, int]]:
+    """The committed records of some partitions of a topic, each from its start offset to its current end.
+
+    A count replica restores only the changelog partitions it owns, each from its local
+    checkpoint's offset (0 without one), so a restore reads what it needs and not the topic's
+    whole history. ``starts=None`` reads every partition from the beginning. A start offset
+    below the partition's first offset (compaction or retention removed records) reads from the
+    first; one past the end reads nothing.
+
+    Returns:
+        the records, and each partition's end offset (where the next read should start).
+
+    Raises:
+        BrokerError: the partitions could not be read to their end within ``timeout_s``.
+    """
     consumer = make_consumer(cfg, group_id=None)
     try:
-        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        known = sorted(consumer.partitions_for_topic(topic) or [])
+        wanted = known if starts is None else [p for p in sorted(starts) if p in known]
+        tps = [TopicPartition(topic, p) for p in wanted]
         if not tps:
-            return []
+            return [], {}
         consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
         ends = _written_ends(cfg, tps) if settled else consumer.end_offsets(tps)
+        firsts = consumer.beginning_offsets(tps)
+        for tp in tps:
+            start = 0 if starts is None else starts[tp.partition]
+            consumer.seek(tp, min(max(start, firsts[tp]), ends[tp]))
         records: list[Any] = []
         deadline = time.monotonic() + timeout_s
         while any(consumer.position(tp) < ends[tp] for tp in tps):
@@ -45,7 +74,7 @@ def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0, settled: boo
                 raise BrokerError(f"timed out reading {topic} to its end from {cfg.bootstrap_servers}")
             for batch in consumer.poll(timeout_ms=500).values():
                 records.extend(batch)
-        return records
+        return records, {tp.partition: ends[tp] for tp in tps}
     finally:
         consumer.close()
 
@@ -77,10 +106,24 @@ def records_in_range(consumer: KafkaConsumer, tp: TopicPartition, start: int, en
         yield from (r for r in consumer.poll(timeout_ms=200).get(tp, []) if r.offset < end)
 
 
-def _records_between(consumer: KafkaConsumer, tp: TopicPartition, start: int, end: int, timeout_s: float = 3.0) -> int:
-    """Data records (committed, not markers) in offsets [start, end) of one partition."""
-    found = sum(1 for _ in records_in_range(consumer, tp, start, end, timeout_s))
-    return found if consumer.position(tp) >= end else max(found, 1)
+def _records_between(
+    consumer: KafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]], timeout_s: float = 3.0
+) -> dict[TopicPartition, int]:
+    """Data records (committed, not markers) in offsets [start, end) of each partition.
+
+    All partitions are read at once: a range holding only a transaction marker returns no record,
+    so a poll waits out its whole timeout, once for all of them rather than once per partition.
+    A partition not read to its end within ``timeout_s`` counts at least one.
+    """
+    consumer.assign(list(ranges))
+    found = dict.fromkeys(ranges, 0)
+    for tp, (start, _) in ranges.items():
+        consumer.seek(tp, start)
+    deadline = time.monotonic() + timeout_s
+    while any(consumer.position(tp) < end for tp, (_, end) in ranges.items()) and time.monotonic() < deadline:
+        for tp, batch in consumer.poll(timeout_ms=50).items():
+            found[tp] += sum(1 for r in batch if r.offset < ranges[tp][1])
+    return {tp: n if consumer.position(tp) >= ranges[tp][1] else max(n, 1) for tp, n in found.items()}
 
 
 def group_lag(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> dict[str, int]:
@@ -91,19 +134,25 @@ def group_lag(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> dict[st
     or more offsets short of its end forever.
     """
     admin = make_admin(cfg)
-    probe = make_consumer(cfg, group_id=None)
+    # A short fetch wait: the ranges read here are a few records at most, usually only markers.
+    probe = make_consumer(cfg, group_id=None, fetch_max_wait_ms=50)
     try:
         committed = admin.list_group_offsets({group_id: None}).get(group_id, {})
         lag: dict[str, int] = {}
+        small: dict[TopicPartition, tuple[int, int]] = {}
         for topic in topics:
-            ends = end_offsets(probe, topic)
-            total = 0
-            for tp, end in ends.items():
+            lag[topic] = 0
+            for tp, end in end_offsets(probe, topic).items():
                 meta = committed.get(tp)
                 done = getattr(meta, "offset", meta) if meta is not None else 0
                 gap = max(end - (done if isinstance(done, int) and done >= 0 else 0), 0)
-                total += _records_between(probe, tp, end - gap, end) if 0 < gap <= 16 else gap
-            lag[topic] = total
+                if 0 < gap <= 16:
+                    small[tp] = (end - gap, end)
+                else:
+                    lag[topic] += gap
+        if small:
+            for tp, n in _records_between(probe, small).items():
+                lag[tp.topic] += n
         return lag
     finally:
         probe.close()

@@ -11,9 +11,17 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError, UnknownTopicOrPart
 
 from cluster.clients import make_admin
 from pipeline.config import KafkaConfig, TopicSpec
-from pipeline.errors import BrokerError, TopicError
+from pipeline.errors import BrokerError, ConfigError, TopicError
 
-__all__ = ["TopicInfo", "create_topics", "list_topics", "describe_topics", "delete_topics"]
+__all__ = [
+    "TopicInfo",
+    "create_topics",
+    "list_topics",
+    "describe_topics",
+    "delete_topics",
+    "topic_partitions",
+    "check_copartitioned",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,3 +147,23 @@ def topic_partitions(cfg: KafkaConfig, topic: str) -> list[int]:
     finally:
         admin.close()
     raise BrokerError(f"topic {topic} does not exist on {cfg.bootstrap_servers}: run `vapipe topics create`")
+
+
+def check_copartitioned(cfg: KafkaConfig, source: str, changelog: str) -> None:
+    """Fail at start, in one line, unless ``changelog`` has as many partitions as ``source``.
+
+    Both are keyed by stream id with the same partitioner, so with equal counts the streams of
+    source partition ``p`` keep their state in changelog partition ``p``, and a replica restores
+    only the changelog partitions numbered like its own.
+
+    Raises:
+        ConfigError: the counts differ.
+        BrokerError: a topic does not exist or the broker cannot be asked.
+    """
+    ours, theirs = len(topic_partitions(cfg, source)), len(topic_partitions(cfg, changelog))
+    if ours != theirs:
+        raise ConfigError(
+            f"topic {changelog} has {theirs} partitions and {source} has {ours}: the count table's changelog must "
+            f"have as many partitions as its source (both keyed by stream); recreate {changelog} with {ours} "
+            f"partitions (topics.counts_changelog.partitions)"
+        )

@@ -20,6 +20,7 @@ __all__ = [
     "configure",
     "echo_json",
     "progress_printer",
+    "shared_videos",
     "default_model",
     "default_video",
     "ints",
@@ -59,7 +60,9 @@ def settings(**overrides: Any) -> Settings:
     for dotted, value in overrides.items():
         if value is not None:
             set_path(tree, dotted.split("."), value)
-    return load_settings(_options.config, overrides=tree)
+    loaded = load_settings(_options.config, overrides=tree)
+    os.umask(loaded.umask_bits())  # outputs (and a local Ray's workers, which inherit it) keep other users out
+    return loaded
 
 
 def echo_json(obj: Any) -> None:
@@ -99,3 +102,8 @@ def default_video() -> str:
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
+
+
+def shared_videos() -> list[str]:
+    """Every video under the shared folder, in name order."""
+    return [str(p) for p in sorted((_shared() / "videos").glob("*")) if p.suffix in (".avi", ".mp4", ".mkv", ".mov")]

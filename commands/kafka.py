@@ -15,11 +15,23 @@ topics_app = typer.Typer(no_args_is_help=True, help="Create, list, describe and 
 TopicNames = Annotated[list[str] | None, typer.Argument(help="Topics (default: the configured ones).")]
 
 
-def broker() -> Any:
+def broker(secure: bool = False) -> Any:
     from cluster.broker import KafkaBroker
 
     s = settings()
-    return KafkaBroker(s.broker, s.kafka)
+    cfg = s.broker.model_copy(update={"secure": True}) if secure else s.broker
+    return KafkaBroker(cfg, s.kafka)
+
+
+def kafka_cluster(brokers: int | None = None, secure: bool = False) -> Any:
+    """The brokers ``vapipe kafka start --brokers N`` runs; None: as many as the state folder holds."""
+    from cluster.broker import KafkaCluster
+
+    s = settings()
+    cfg = s.broker.model_copy(update={"secure": True}) if secure else s.broker
+    if brokers is None:
+        return KafkaCluster.existing(cfg, s.kafka)
+    return KafkaCluster(cfg, s.kafka, brokers)
 
 
 @kafka_app.command("install")
@@ -29,27 +41,73 @@ def kafka_install() -> None:
 
 
 @kafka_app.command("start")
-def kafka_start() -> None:
-    """Start the broker in the background unless it already runs; wait until it answers."""
-    st = broker().start()
-    if st.already_running:
-        typer.echo(f"Kafka already running (pid {st.pid}) at {st.bootstrap}")
-    else:
-        typer.echo(f"Kafka started (pid {st.pid}) at {st.bootstrap}, ready in {st.ready_s:.1f}s; state in {st.state_dir}")
+def kafka_start(
+    brokers: Annotated[
+        int, typer.Option("--brokers", min=1, help="KRaft nodes (broker+controller each, one quorum) on port, port+2, ...")
+    ] = 1,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            "--secure",
+            help="SASL_SSL with SCRAM-SHA-512, a CA and one user per role in the state folder, and ACLs so each "
+            "role does only its job (docs/security.md). A state folder once secured stays secured; with --brokers N "
+            "every node shares one CA and one set of users.",
+        ),
+    ] = False,
+) -> None:
+    """Start the broker(s) in the background unless they already run; wait until each answers."""
+    cluster = kafka_cluster(brokers, secure)
+    for st in cluster.start():
+        if st.already_running:
+            typer.echo(f"Kafka already running (pid {st.pid}) at {st.bootstrap}")
+        else:
+            typer.echo(f"Kafka started (pid {st.pid}) at {st.bootstrap}, ready in {st.ready_s:.1f}s; state in {st.state_dir}")
+    if brokers > 1:
+        typer.echo(
+            f"bootstrap: {cluster.bootstrap} (set kafka.bootstrap_servers, and topics' replication_factor up to {brokers})"
+        )
+    if cluster.security is not None:  # --secure, or a state folder secured before
+        from cluster.security import apply_acls
+
+        n = apply_acls(cluster.admin_kafka, settings())
+        typer.echo(f"secured: SASL_SSL, SCRAM-SHA-512, {n} ACL rules; `vapipe kafka users` says how to hand out credentials")
+
+
+@kafka_app.command("users")
+def kafka_users() -> None:
+    """How to hand each machine the credentials of the roles it runs (file paths, never passwords)."""
+    from cluster.security import SecurityFiles, users_text
+
+    cluster = kafka_cluster()
+    typer.echo(users_text(settings(), cluster.security or SecurityFiles.of(cluster.state_dir), cluster.bootstrap))
+
+
+@kafka_app.command("acls")
+def kafka_acls() -> None:
+    """Write the ACLs of the configured topics and groups again (after renaming them)."""
+    from cluster.security import apply_acls
+
+    cluster = kafka_cluster()
+    if cluster.security is None:
+        raise typer.BadParameter("this broker is not secured (start it with --secure)")
+    typer.echo(f"{apply_acls(cluster.admin_kafka, settings())} ACL rules in place")
 
 
 @kafka_app.command("stop")
 def kafka_stop() -> None:
-    """Stop the broker this state folder started (and nothing else)."""
-    typer.echo("Kafka stopped" if broker().stop() else "Kafka was not running")
+    """Stop the broker(s) this state folder started (and nothing else)."""
+    typer.echo("Kafka stopped" if kafka_cluster().stop() else "Kafka was not running")
 
 
 @kafka_app.command("status")
 def kafka_status() -> None:
-    """Is the broker running, and where."""
-    st = broker().status()
-    typer.echo(f"Kafka running (pid {st.pid}) at {st.bootstrap}" if st.running else f"Kafka not running (state {st.state_dir})")
-    if not st.running:
+    """Are the brokers running, and where; exits 3 unless every one runs."""
+    statuses = kafka_cluster().status()
+    for st in statuses:
+        typer.echo(
+            f"Kafka running (pid {st.pid}) at {st.bootstrap}" if st.running else f"Kafka not running (state {st.state_dir})"
+        )
+    if not all(st.running for st in statuses):
         raise typer.Exit(3)
 
 

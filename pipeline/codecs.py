@@ -13,7 +13,8 @@ images the JPEG magic and the pixel count from the JPEG's SOF header before ``cv
 Wire formats (schema_version 1):
 
 - A (frames): key ``stream/frame``, value = JPEG bytes, headers ``vapipe-type=frame``,
-  ``schema_version``, ``stream_id``, ``frame_index``, ``capture_ts``, ``width``, ``height``.
+  ``schema_version``, ``stream_id``, ``frame_index``, ``capture_ts``, ``width``, ``height``
+  and (optional, added without a version bump) ``publish_ts``.
   End of a finite stream: ``vapipe-type=eos``, empty value, ``frames_published``, ``frames_skipped``.
 - B (detected frames): as A, plus header ``detections`` (JSON list) and ``model``.
 - C (detections): key ``stream_id``, value = JSON object, ``type`` "detections", "eos" or
@@ -55,11 +56,13 @@ __all__ = [
     "record_size",
     "encode_jpeg",
     "fit_jpeg",
+    "check_jpeg",
     "decode_jpeg",
     "encode_frame",
     "encode_end_of_stream",
     "decode_frame",
     "encode_detected_frame",
+    "encode_outputs",
     "decode_detected_frame",
     "encode_detections",
     "encode_skipped",
@@ -176,17 +179,16 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     raise DecodeError(f"payload of {n} bytes is not a decodable image: no JPEG frame header")
 
 
-def decode_jpeg(data: bytes | None, limits: DecodeLimits = DEFAULT_LIMITS, expect: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode JPEG bytes to a BGR array, after checking the format and the declared pixel count.
+def check_jpeg(
+    data: bytes | None, limits: DecodeLimits = DEFAULT_LIMITS, expect: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """Everything ``decode_jpeg`` checks before decoding, without decoding: (width, height).
 
-    Args:
-        data: the JPEG bytes.
-        limits: ``max_image_pixels`` bounds width x height before any pixel is decoded.
-        expect: (width, height) the record's headers claim; a JPEG of another size is refused.
+    A stage that passes the JPEG on without looking at its pixels still refuses what is not a
+    JPEG, declares another size than its headers, or too many pixels.
 
     Raises:
-        DecodeError: the bytes are empty, not a JPEG, declare more than ``limits.max_image_pixels``
-            pixels or another size than ``expect``, or do not decode.
+        DecodeError: as ``decode_jpeg``, except for a JPEG whose entropy-coded data is corrupt.
     """
     if not data:
         raise DecodeError("empty image payload")
@@ -199,6 +201,23 @@ def decode_jpeg(data: bytes | None, limits: DecodeLimits = DEFAULT_LIMITS, expec
         raise DecodeError(
             f"JPEG of {width}x{height} pixels is above the limit of {limits.max_image_pixels} pixels (decompression bomb?)"
         )
+    return width, height
+
+
+def decode_jpeg(data: bytes | None, limits: DecodeLimits = DEFAULT_LIMITS, expect: tuple[int, int] | None = None) -> np.ndarray:
+    """Decode JPEG bytes to a BGR array, after checking the format and the declared pixel count.
+
+    Args:
+        data: the JPEG bytes.
+        limits: ``max_image_pixels`` bounds width x height before any pixel is decoded.
+        expect: (width, height) the record's headers claim; a JPEG of another size is refused.
+
+    Raises:
+        DecodeError: the bytes are empty, not a JPEG, declare more than ``limits.max_image_pixels``
+            pixels or another size than ``expect``, or do not decode.
+    """
+    check_jpeg(data, limits, expect)
+    assert data is not None
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         raise DecodeError(f"payload of {len(data)} bytes is not a decodable image")
@@ -311,7 +330,7 @@ def _check_version(version: Any) -> None:
 
 
 def _meta_headers(meta: FrameMeta) -> list[Header]:
-    return [
+    headers: list[Header] = [
         (TYPE_HEADER, b"frame"),
         ("schema_version", str(meta.schema_version).encode()),
         ("stream_id", meta.stream_id.encode()),
@@ -320,6 +339,9 @@ def _meta_headers(meta: FrameMeta) -> list[Header]:
         ("width", str(meta.width).encode()),
         ("height", str(meta.height).encode()),
     ]
+    if meta.publish_ts is not None:
+        headers.append(("publish_ts", repr(meta.publish_ts).encode()))
+    return headers
 
 
 def _meta_from_fields(fields: dict[str, Any]) -> FrameMeta:
@@ -331,6 +353,7 @@ def _meta_from_fields(fields: dict[str, Any]) -> FrameMeta:
             capture_ts=float(fields["capture_ts"]),
             width=int(fields["width"]),
             height=int(fields["height"]),
+            publish_ts=None if fields.get("publish_ts") is None else float(fields["publish_ts"]),
         )
     except KeyError as exc:
         raise DecodeError(f"missing metadata field {exc.args[0]!r}") from None
@@ -338,6 +361,8 @@ def _meta_from_fields(fields: dict[str, Any]) -> FrameMeta:
         raise DecodeError(f"invalid metadata: {exc}") from None
     if not math.isfinite(meta.capture_ts):
         raise DecodeError(f"invalid capture_ts {meta.capture_ts!r}")
+    if not math.isfinite(meta.published_at):
+        raise DecodeError(f"invalid publish_ts {meta.publish_ts!r}")
     return meta
 
 
@@ -400,6 +425,27 @@ def encode_detected_frame(result: FrameDetections, jpeg: bytes) -> Record:
         ("detections", json.dumps(result.detections.to_records()).encode()),
     ]
     return Record(key=result.meta.key.encode(), value=jpeg, headers=headers)
+
+
+def encode_outputs(result: FrameDetections, jpeg: bytes, headers: Sequence[Header] | None = None) -> tuple[Record, Record]:
+    """The InterConsumer's two records for a frame, B (frame + detections) and C (detections), with
+    the detections turned into JSON once for both.
+
+    Args:
+        result: the frame's metadata and detections.
+        jpeg: the frame as it came.
+        headers: the topic-A record's headers, already checked by ``decode_frame``: B carries them
+            on as they are (whatever else the producer stamped included) instead of rebuilding them.
+    """
+    meta = result.meta
+    detections = json.dumps(result.detections.to_records(), separators=(",", ":"))
+    b_headers = [*(headers if headers is not None else _meta_headers(meta)), ("model", result.model.encode())]
+    b_headers.append(("detections", detections.encode()))
+    body = _detections_body(result)
+    # Sorted keys as encode_json, with the detections (already JSON) spliced in as the last key.
+    c_value = encode_json(body)[:-1] + b',"detections":' + detections.encode() + b"}"
+    key = meta.stream_id.encode()
+    return Record(key=meta.key.encode(), value=jpeg, headers=b_headers), Record(key=key, value=c_value)
 
 
 def _detections_from_json(raw: Any) -> Detections:
@@ -484,20 +530,25 @@ def encode_detections(item: FrameDetections | EndOfStream) -> Record:
             "frames_skipped": item.frames_skipped,
         }
         return Record(key=item.stream_id.encode(), value=encode_json(body))
-    meta = item.meta
-    body = {
+    body = _detections_body(item) | {"detections": item.detections.to_records()}
+    return Record(key=item.meta.stream_id.encode(), value=encode_json(body))
+
+
+def _detections_body(result: FrameDetections) -> dict[str, Any]:
+    """Topic C's fields of a frame but its detections: one place for ``encode_detections`` and ``encode_outputs``."""
+    meta = result.meta
+    return {
         "type": "detections",
         "schema_version": meta.schema_version,
         "stream_id": meta.stream_id,
         "frame_index": meta.frame_index,
         "capture_ts": meta.capture_ts,
+        "publish_ts": meta.publish_ts,
         "width": meta.width,
         "height": meta.height,
-        "model": item.model,
-        "inference_ms": round(item.inference_ms, 3),
-        "detections": item.detections.to_records(),
+        "model": result.model,
+        "inference_ms": round(result.inference_ms, 3),
     }
-    return Record(key=meta.stream_id.encode(), value=encode_json(body))
 
 
 def decode_detections(value: bytes | None, limits: DecodeLimits = DEFAULT_LIMITS) -> FrameDetections | EndOfStream | SkippedFrame:

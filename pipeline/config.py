@@ -22,6 +22,9 @@ from pipeline.errors import ConfigError
 
 __all__ = [
     "KafkaConfig",
+    "KafkaCredential",
+    "Role",
+    "ROLES",
     "BrokerConfig",
     "TopicSpec",
     "TopicsConfig",
@@ -50,6 +53,10 @@ ENV_PREFIX = "VAPIPE_"
 
 Compression = Literal["snappy", "gzip", "lz4", "zstd", "none"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+Role = Literal["producer", "inter", "crop", "count", "admin"]
+"""Who a Kafka client acts for: each stage, the producers, and admin (topics, lag, the CLI)."""
+ROLES: tuple[Role, ...] = ("producer", "inter", "crop", "count", "admin")
 ProcessingGuarantee = Literal["exactly_once", "at_least_once"]
 InDirection = Literal["up", "down", "left", "right"]
 Anchor = Literal["bottom_center", "center"]
@@ -59,16 +66,53 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", coerce_numbers_to_str=True)
 
 
+class KafkaCredential(_Frozen):
+    """One role's user on a secured broker (``kafka.credentials.<role>``); ``vapipe kafka users`` prints them."""
+
+    username: str = Field(min_length=1)
+    password: SecretStr | None = None
+    """The password itself (e.g. from ``VAPIPE_KAFKA__CREDENTIALS__INTER__PASSWORD``); never printed."""
+    password_file: str | None = None
+    """A file holding the password, read where the client is made (so only machines that run this
+    role need it); preferred over ``password``."""
+    ssl_certfile: str | None = None
+    """This role's client certificate (PEM) for mTLS; None uses ``kafka.ssl_certfile``."""
+    ssl_keyfile: str | None = None
+
+    @model_validator(mode="after")
+    def _one_password(self) -> KafkaCredential:
+        if self.password is not None and self.password_file:
+            raise ValueError(f"credentials of {self.username!r}: set password or password_file, not both")
+        return self
+
+
 class KafkaConfig(_Frozen):
     """How every client reaches the cluster."""
 
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated host:port list."""
     security_protocol: SecurityProtocol = "PLAINTEXT"
-    sasl_mechanism: str | None = None
+    """SASL_SSL for a broker started with ``vapipe kafka start --secure`` (docs/security.md)."""
+    sasl_mechanism: SaslMechanism | None = None
+    """SCRAM-SHA-512 for a ``--secure`` broker."""
     sasl_username: str | None = None
+    """The user of clients that have no role of their own in ``credentials`` (the CLI, admin)."""
     sasl_password: SecretStr | None = None
+    """Its password (``VAPIPE_KAFKA__SASL_PASSWORD``); never printed, never in logs or summaries."""
+    sasl_password_file: str | None = None
+    """A file holding that password instead (read when a client is made)."""
     ssl_cafile: str | None = None
+    """CA certificate (PEM) that signed the broker's certificate; None trusts the system's CAs."""
+    ssl_certfile: str | None = None
+    """Client certificate (PEM) for mTLS, when the broker requires one."""
+    ssl_keyfile: str | None = None
+    """Its private key (PEM)."""
+    ssl_check_hostname: bool = True
+    """Check that the broker's certificate names the host connected to (keep on)."""
+    credentials: dict[Role, KafkaCredential] = Field(default_factory=dict)
+    """Per-role users: each stage connects as its role (producer, inter, crop, count; admin for
+    topics and the CLI), so the broker's ACLs let it do only its job. A role missing here uses
+    ``sasl_username`` / ``sasl_password``."""
     connect_timeout_s: float = Field(10.0, gt=0)
     """How long a command waits for the broker before it fails with a clear error."""
     session_timeout_ms: int = Field(20000, ge=6000)
@@ -77,10 +121,21 @@ class KafkaConfig(_Frozen):
     the broker's group.min.session.timeout.ms)."""
     heartbeat_interval_ms: int = Field(2000, gt=0)
     """How often consumers heartbeat; keep it under a third of ``session_timeout_ms``."""
+    request_timeout_ms: int = Field(30000, ge=1000)
+    """How long a producer waits for one broker response before it retries (on a new leader after a
+    broker died): lower notices a dead broker sooner."""
+    ack_timeout_s: float = Field(60.0, gt=0)
+    """How long a stage waits for its batch to be acknowledged (a transaction's offsets and commit)
+    before it aborts and retries the batch with a new producer. A killed transaction coordinator
+    holds a commit this long: lower recovers sooner, too low gives up on a busy broker."""
     linger_ms: int = Field(5, ge=0)
     """Producer batching delay; 5 ms as in the study."""
     compression_type: Compression = "snappy"
     """Producer compression; snappy as in the study."""
+    transaction_retry_backoff_ms: int = Field(10, ge=0)
+    """Backoff of a stage's transactional producer before retrying a request. Every batch's
+    offsets meet CONCURRENT_TRANSACTIONS while the previous commit's markers are written, and
+    kafka-python sleeps this long before retrying (100 ms by default: ~10 batches/s at most)."""
     max_message_bytes: int = Field(8 * 1024 * 1024, gt=0)
     """Largest record (a JPEG frame plus headers) producers send and brokers accept."""
     extra: dict[str, Any] = Field(default_factory=dict)
@@ -88,6 +143,38 @@ class KafkaConfig(_Frozen):
 
     def hosts(self) -> list[str]:
         return [h.strip() for h in self.bootstrap_servers.split(",") if h.strip()]
+
+    @model_validator(mode="after")
+    def _secure_settings_agree(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(
+                f"security_protocol {self.security_protocol} needs sasl_mechanism (SCRAM-SHA-512 for a --secure broker)"
+            )
+        if self.sasl_password is not None and self.sasl_password_file:
+            raise ValueError("set sasl_password or sasl_password_file, not both")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (mTLS needs both)")
+        return self
+
+    def as_role(self, role: Role) -> KafkaConfig:
+        """These settings with ``role``'s user (``credentials[role]``) in place of the default one.
+
+        Example:
+            >>> cfg = KafkaConfig(credentials={"inter": KafkaCredential(username="inter", password="s")})
+            >>> cfg.as_role("inter").sasl_username, cfg.as_role("crop").sasl_username
+            ('inter', None)
+        """
+        cred = self.credentials.get(role)
+        if cred is None:
+            return self
+        update: dict[str, Any] = {
+            "sasl_username": cred.username,
+            "sasl_password": cred.password,
+            "sasl_password_file": cred.password_file,
+        }
+        if cred.ssl_certfile:
+            update |= {"ssl_certfile": cred.ssl_certfile, "ssl_keyfile": cred.ssl_keyfile}
+        return self.model_copy(update=update)
 
 
 class BrokerConfig(_Frozen):
@@ -104,6 +191,12 @@ class BrokerConfig(_Frozen):
     """Jars, data, logs and pid file, relative to the working directory unless absolute."""
     heap: str = "768m"
     start_timeout_s: float = Field(60.0, gt=0)
+    secure: bool = False
+    """Listen SASL_SSL (SCRAM-SHA-512) with a CA, certificates and one user per role generated into
+    ``state_dir/security``, and ACLs so each role does only its job (``vapipe kafka start --secure``).
+    A state folder once secured stays secured."""
+    ssl_client_auth: Literal["none", "required"] = "none"
+    """With ``secure``: ``required`` also demands a client certificate signed by the broker's CA (mTLS)."""
 
 
 class TopicSpec(_Frozen):
@@ -113,12 +206,30 @@ class TopicSpec(_Frozen):
     config: dict[str, str] = Field(default_factory=dict)
 
 
+BOUNDED_FRAMES: dict[str, str] = {"retention.bytes": str(2 * 1024**3), "retention.ms": str(24 * 3600 * 1000)}
+"""A and B hold frames: a backlog (a stage down for a day) is capped at 2 GiB per partition and one
+day, so it cannot fill the broker's disk; frames older than that are deleted unread."""
+
+COMPACTED_STATE: dict[str, str] = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(10 * 60 * 1000),
+    "segment.bytes": str(64 * 1024**2),
+    "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": str(24 * 3600 * 1000),
+}
+"""The count table's changelog: Kafka never compacts the active segment, so it is closed every
+10 minutes (or 64 MiB) and cleaned once a tenth of it is dirty; a restore from offset 0 then
+reads about one snapshot per stream plus at most ~10 minutes of writes, however long the
+streams have run. Tombstones (``vapipe counts --prune``) stay readable for a day, the longest a
+local checkpoint is trusted."""
+
+
 class TopicsConfig(_Frozen):
     """The study's topics A, B and C, plus the count table's output and changelog."""
 
-    frames: TopicSpec = TopicSpec(name="vapipe.A.frames")
+    frames: TopicSpec = TopicSpec(name="vapipe.A.frames", config=BOUNDED_FRAMES)
     """A: JPEG frames from producers."""
-    detected_frames: TopicSpec = TopicSpec(name="vapipe.B.detected-frames")
+    detected_frames: TopicSpec = TopicSpec(name="vapipe.B.detected-frames", config=BOUNDED_FRAMES)
     """B: JPEG frames with their detections, for the crop stage."""
     detections: TopicSpec = TopicSpec(name="vapipe.C.detections")
     """C: detections only (JSON), keyed by stream, for the count stage."""
@@ -127,14 +238,27 @@ class TopicsConfig(_Frozen):
     counts_changelog: TopicSpec = TopicSpec(
         name="vapipe.counts-changelog",
         partitions=6,
-        config={"cleanup.policy": "compact"},
+        config=COMPACTED_STATE,
     )
-    """Compacted table state keyed by stream, so a restarted count replica recovers."""
+    """Compacted table state keyed by stream, so a restarted count replica recovers. Its partition
+    count must equal ``detections``' (both are keyed by stream: a replica restores the changelog
+    partitions numbered like the C partitions it owns)."""
     dead_letter: TopicSpec = TopicSpec(name="vapipe.dead-letter", partitions=1)
     """Records no stage could decode, with the reason and origin in headers."""
+    streams: TopicSpec = TopicSpec(name="vapipe.streams", partitions=1, config={"cleanup.policy": "compact"})
+    """Streams declared by ``vapipe streams add/remove`` (compacted, keyed by stream id): a running
+    ``vapipe run --follow`` starts and stops producers to match."""
 
     def all(self) -> list[TopicSpec]:
-        return [self.frames, self.detected_frames, self.detections, self.counts, self.counts_changelog, self.dead_letter]
+        return [
+            self.frames,
+            self.detected_frames,
+            self.detections,
+            self.counts,
+            self.counts_changelog,
+            self.dead_letter,
+            self.streams,
+        ]
 
 
 class ProducerConfig(_Frozen):
@@ -149,6 +273,22 @@ class ProducerConfig(_Frozen):
     transaction_ms: int = Field(200, gt=0)
     """exactly_once: commit the producer's transaction at least this often (and at every 64 frames)."""
     num_cpus: float = Field(0.1, gt=0)
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each producer actor requests, e.g. ``{"node:198.18.0.1": 0.01}`` to keep
+    producers on the machine beside the cameras (or the broker); empty: any node."""
+    stall_s: float = Field(10.0, gt=0)
+    """A camera (URL, webcam) that sends no new frame for this long is taken as lost and reconnected;
+    also the time allowed to open a network stream."""
+    mode: Literal["lossless", "realtime"] = "lossless"
+    """``lossless``: every frame is published, however far behind the pipeline falls. ``realtime``:
+    a frame is dropped at the source (skipped, reason ``behind``) while the frames of its stream
+    waiting for the InterConsumers would take more than ``max_lag_s`` to clear, so latency stays
+    bounded when input outruns capacity; every frame is published again once the backlog clears."""
+    max_lag_s: float = Field(2.0, gt=0)
+    """realtime: the most a published frame should wait for the InterConsumers."""
+    reconnect_max_s: float = Field(30.0, gt=0)
+    """Cap of the jittered exponential wait between a lost camera's reconnection attempts
+    (0.5 s, 1 s, 2 s, ... this); a camera is retried for as long as the run lasts."""
 
 
 class StageConfig(_Frozen):
@@ -159,12 +299,61 @@ class StageConfig(_Frozen):
     """Logical Ray CPUs per actor; fractions let several replicas share a small machine."""
     num_gpus: float = Field(0.0, ge=0)
     """GPUs per actor when the cluster has GPUs (fractions allowed); ignored otherwise."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources each actor requests (``ray start --resources``), e.g. ``{"detector": 1}``
+    so InterConsumers land only on the nodes that declare it; empty: CPU (and num_gpus) only."""
     batch_size: int = Field(8, gt=0)
     """Records handled per poll (inference batch for the InterConsumer)."""
+    batch_wait_ms: int = Field(0, ge=0)
+    """Once a poll returned records, poll again up to this long to fill ``batch_size`` (a GPU's
+    batch) from every stream; 0 takes what one poll returns. Bounds how long a slow stream waits."""
     poll_timeout_ms: int = Field(200, gt=0)
     threads: int | None = Field(None, gt=0)
     """Math threads (OpenMP, torch) in each actor; None = every core of its node. Ray would
     otherwise force 1 thread on actors with fractional num_cpus, halving YOLO's speed."""
+
+
+class AutoscaleConfig(_Frozen):
+    """InterConsumers that follow the load: one more while lag in seconds stays above target, one
+    fewer while the replicas sit idle (``pipeline.autoscale``). Ray engine only."""
+
+    enabled: bool = False
+    min: int = Field(1, gt=0)
+    """Fewest InterConsumers (the run starts with ``inter.replicas``, raised to at least this)."""
+    max: int = Field(4, gt=0)
+    """Most InterConsumers; a new one also needs room in the cluster (see ``request_nodes``)."""
+    target_lag_s: float = Field(5.0, gt=0)
+    """Scale up when the InterConsumers' lag in seconds (record timestamps) stays above this."""
+    cooldown_s: float = Field(15.0, ge=0)
+    """How long a condition must hold before acting, and the least time between two scale events
+    (a rebalance pauses the group for a few seconds)."""
+    idle_busy: float = Field(0.8, gt=0, le=1)
+    """Scale down when the replicas' summed busy fraction would fit in one replica fewer, each at most
+    this busy, and lag is under target."""
+    request_nodes: bool = False
+    """Add a replica even when the cluster has no free CPUs/GPUs for it, so Ray's autoscaler brings
+    up a node (the replica waits until one comes); false keeps within the cluster as it is."""
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscaleConfig:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class InterConfig(StageConfig):
+    """The InterConsumers' stage settings, plus autoscaling on lag."""
+
+    autoscale: AutoscaleConfig = AutoscaleConfig()
+
+
+class MetricsConfig(_Frozen):
+    """The Prometheus endpoint a run's driver serves while it runs (``actors.metrics``)."""
+
+    port: int | None = Field(9464, ge=0, lt=65536)
+    """Port of ``/metrics``; 0 picks a free one, null turns the endpoint off."""
+    host: str = "127.0.0.1"
+    """Interface to bind; 0.0.0.0 for a Prometheus on another machine."""
 
 
 class ModelConfig(_Frozen):
@@ -175,12 +364,24 @@ class ModelConfig(_Frozen):
     imgsz: int = Field(640, gt=0)
     min_confidence: float = Field(0.25, ge=0, le=1)
     """Detections below this are dropped by the model itself."""
+    safe_formats_only: bool = False
+    """Refuse pickle-based weights (``.pt``, ``.pth``, ``.torchscript``, official names downloaded as
+    ``.pt``): loading one runs whatever code it carries. True accepts only ONNX (``.onnx``), TensorRT
+    (``.engine``) and OpenVINO (``.xml`` or an ``*_openvino_model`` folder): set it where models come
+    from shared storage others can write."""
+    runtime: Literal["ultralytics", "batched"] = "ultralytics"
+    """'ultralytics': its predict loop; 'batched': vapipe's core (``pipeline/inference.py``): the
+    batch's JPEGs decoded together (on the GPU with nvJPEG), one letterboxed tensor (fp16 on a
+    GPU), NMS on the batch, decode/inference/post-processing timed apart."""
 
 
 class CropConfig(_Frozen):
     min_confidence: float = Field(0.7, ge=0, le=1)
     """Crop only boxes strictly above this confidence."""
     jpeg_quality: int = Field(95, ge=1, le=100)
+    index_segment_bytes: int = Field(64 * 1024**2, gt=0)
+    """Each crop replica's index file is closed as a numbered segment at this size and a new one begun,
+    so old segments can be archived or deleted; ``load_index`` reads whatever segments remain."""
 
 
 class CountConfig(_Frozen):
@@ -197,6 +398,10 @@ class CountConfig(_Frozen):
     max_gaps: int = Field(256, gt=0)
     """Most missing-frame gaps a stream's table holds open before giving up the oldest (``lost_gap``);
     bounds the snapshot on the changelog (a few bytes per gap)."""
+    checkpoint_interval_s: float = Field(30.0, ge=0)
+    """A count replica writes a local checkpoint of the table partitions it owns (snapshots plus
+    changelog offset, under ``<output_dir>/state/``) at most this often, so a restart on the same
+    machine replays only the changelog's tail (0: no checkpoints; every restore reads the changelog)."""
 
     @field_validator("labels")
     @classmethod
@@ -310,8 +515,29 @@ class RayConfig(_Frozen):
     address: str | None = None
     """None starts a local Ray; 'auto' or host:port joins a running cluster."""
     dashboard_host: str = "127.0.0.1"
+    """Interface of a local Ray's dashboard (which can submit jobs that run code on every node):
+    loopback unless ``allow_remote_dashboard``; tunnel to it instead (cluster/README.md)."""
+    allow_remote_dashboard: bool = False
+    """Opt out: let ``dashboard_host`` be a non-loopback address. Anyone who reaches it runs code."""
+    token_auth: bool = True
+    """Ray token authentication (``RAY_AUTH_MODE=token``): every Ray client and node must present the
+    cluster's token (``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN_PATH``). False opts out: anyone who reaches
+    the Ray ports can run code on every node."""
     num_cpus: int | None = None
     """CPUs of a local Ray (None: all of this machine)."""
+    unplaceable: Literal["wait", "fail"] = "wait"
+    """More replicas than the cluster has GPU or custom-resource slots for: ``wait`` until nodes with
+    room join (up to the run's start-up timeout, saying which actors wait for what), or ``fail`` at
+    once with one line naming the stage, what it needs and what the cluster has."""
+
+    @model_validator(mode="after")
+    def _dashboard_on_loopback(self) -> RayConfig:
+        if not self.allow_remote_dashboard and self.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(
+                f"dashboard_host {self.dashboard_host} exposes the Ray dashboard (job submission = code execution) "
+                "beyond this machine: tunnel to 127.0.0.1 instead, or set ray.allow_remote_dashboard=true to accept the risk"
+            )
+        return self
 
 
 class FaustConfig(_Frozen):
@@ -341,7 +567,7 @@ class Settings(_Frozen):
     broker: BrokerConfig = BrokerConfig()
     topics: TopicsConfig = TopicsConfig()
     producer: ProducerConfig = ProducerConfig()
-    inter: StageConfig = StageConfig(num_cpus=0.25, batch_size=8)
+    inter: InterConfig = InterConfig(num_cpus=0.25, batch_size=8)
     crop: StageConfig = StageConfig(num_cpus=0.1, batch_size=32)
     count: StageConfig = StageConfig(num_cpus=0.1, batch_size=64)
     model: ModelConfig = ModelConfig()
@@ -351,8 +577,12 @@ class Settings(_Frozen):
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
     faust: FaustConfig = FaustConfig()
+    metrics: MetricsConfig = MetricsConfig()
     output_dir: str = "output"
     """Crops, index and run summaries go here."""
+    umask: str = Field("027", pattern=r"^0?[0-7]{3}$")
+    """File-creation mask (octal) of vapipe's processes and stage actors: 027 creates folders 0750 and
+    files 0640, so other users of a machine cannot read crops, counts or summaries; 022 shares them."""
     group_prefix: str = "vapipe"
     """Consumer groups are '<prefix>-inter', '<prefix>-crop', '<prefix>-count'."""
     processing_guarantee: ProcessingGuarantee = "exactly_once"
@@ -364,6 +594,14 @@ class Settings(_Frozen):
 
     def group(self, stage: str) -> str:
         return f"{self.group_prefix}-{stage}"
+
+    def umask_bits(self) -> int:
+        return int(self.umask, 8)
+
+    def for_role(self, role: Role) -> Settings:
+        """These settings with Kafka clients acting as ``role`` (``KafkaConfig.as_role``)."""
+        kafka = self.kafka.as_role(role)
+        return self if kafka is self.kafka else self.model_copy(update={"kafka": kafka})
 
 
 def set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:

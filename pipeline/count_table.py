@@ -26,7 +26,7 @@ from pipeline.counting import CountUpdate, StreamCounts, VehicleCounter
 from pipeline.messages import EndOfStream, FrameDetections, SkippedFrame
 from pipeline.traffic import TrafficCounter, TrafficUpdate
 
-__all__ = ["CountTable", "TRAFFIC_KEYS", "comparable", "readable", "traffic_figures"]
+__all__ = ["CountTable", "TRAFFIC_KEYS", "comparable", "prunable", "readable", "traffic_figures"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,20 @@ def traffic_figures(snapshot: dict[str, Any]) -> dict[str, Any]:
 def comparable(figures: dict[str, Any]) -> dict[str, Any]:
     """The totals two runs of one input must agree on: ``stationary_vehicles`` is a gauge of the last frame, left out."""
     return {k: v for k, v in figures.items() if k != "stationary_vehicles"}
+
+
+def prunable(table: dict[str, dict[str, Any]]) -> list[str]:
+    """Streams ``vapipe counts --prune`` drops: finished runs of unnamed sources.
+
+    An unnamed source's stream id carries its run (``clip@<run id>``), so each run is counted
+    afresh and leaves a key behind; once complete nothing will write it again. Named streams
+    (``cam1=rtsp://...``) persist across runs and are kept.
+
+    Example:
+        >>> prunable({"clip@r1": {"complete": True}, "clip@r2": {}, "cam1": {"complete": True}})
+        ['clip@r1']
+    """
+    return sorted(sid for sid, snap in table.items() if "@" in sid and snap.get("complete"))
 
 
 class _Streams(dict[str, StreamCounts]):

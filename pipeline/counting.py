@@ -253,6 +253,13 @@ class CountUpdate:
         }
 
 
+def _reopen(state: StreamCounts, frame_index: int) -> None:
+    """A frame past a stream's end: a named camera is running again (a new run numbers on), so the
+    stream is open until its next end-of-stream says how far it went."""
+    if state.frames_expected is not None and frame_index >= state.frames_expected:
+        state.frames_expected = None
+
+
 class VehicleCounter:
     """The count table: per-stream, per-class totals and a moving count over the last N frames.
 
@@ -291,6 +298,7 @@ class VehicleCounter:
         state = self._stream(item.stream_id)
         if item.frame_index in state.applied:
             return False
+        _reopen(state, item.frame_index)
         state.skipped[item.reason] += 1
         lost = state.applied.skip(item.frame_index)
         if lost:
@@ -303,6 +311,7 @@ class VehicleCounter:
         if meta.frame_index in state.applied:
             return None
         in_frame = vehicles_in(frame.detections, self.labels, self.min_confidence)
+        _reopen(state, meta.frame_index)
         lost = state.applied.add(meta.frame_index)
         if lost:
             state.skipped["lost_gap"] += lost

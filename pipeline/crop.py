@@ -113,17 +113,23 @@ class CropSink:
     """Writes crops under ``<root>/<label>/<key>.jpg`` and records them in an index.
 
     Each writer appends to its own ``<root>/index/<writer>.jsonl`` so replicas never
-    interleave lines; ``load_index`` merges them, keeping one entry per crop key.
+    interleave lines; ``load_index`` merges them, keeping one entry per crop key. Once that file
+    reaches ``index_segment_bytes`` it is closed as ``<writer>.<n>.jsonl`` (n = 1, 2, ...) and a new
+    one begins, so a camera that runs for months leaves closed segments an operator can archive
+    or delete (``logrotate``-style), never one file that only grows.
 
     Raises:
         SinkError: a crop or index line could not be written (disk full, no permission).
     """
 
-    def __init__(self, root: str | Path, writer: str = "crop", jpeg_quality: int = 95) -> None:
+    def __init__(
+        self, root: str | Path, writer: str = "crop", jpeg_quality: int = 95, index_segment_bytes: int = 64 * 1024**2
+    ) -> None:
         self.root = Path(root).resolve()
         self.writer = safe_label(writer)
         self.jpeg_quality = jpeg_quality
         self.index_path = self.root / "index" / f"{self.writer}.jsonl"
+        self.index_segment_bytes = index_segment_bytes
 
     def _target(self, label: str, key: str) -> Path:
         path = (self.root / safe_label(label) / f"{key}.jpg").resolve()
@@ -183,12 +189,38 @@ class CropSink:
         text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
         try:
             self.index_path.parent.mkdir(parents=True, exist_ok=True)
+            self._rotate_index()
             with open(self.index_path, "a", encoding="utf-8") as fh:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
             raise SinkError(_describe_os_error(exc, self.index_path)) from exc
+
+    def _rotate_index(self) -> None:
+        """Close the index file as the next numbered segment once it reaches ``index_segment_bytes``."""
+        try:
+            size = self.index_path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size < self.index_segment_bytes:
+            return
+        closed = [_segment_number(p) for p in self.index_path.parent.glob(f"{self.writer}.*.jsonl")]
+        number = max((n for n in closed if n is not None), default=0) + 1
+        os.replace(self.index_path, self.index_path.with_name(f"{self.writer}.{number:06d}.jsonl"))
+        _fsync_dir(self.index_path.parent)
+
+
+def _segment_number(path: Path) -> int | None:
+    """``crop-0.000003.jsonl`` -> 3; the open segment ``crop-0.jsonl`` -> None (writer names have no dots)."""
+    parts = path.name.split(".")
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def _index_order(path: Path) -> tuple[str, float]:
+    """Each writer's closed segments in order, then its open one: later lines win."""
+    number = _segment_number(path)
+    return path.name.split(".")[0], float("inf") if number is None else number
 
 
 def load_index(root: str | Path) -> dict[str, dict[str, Any]]:
@@ -197,7 +229,7 @@ def load_index(root: str | Path) -> dict[str, dict[str, Any]]:
     folder = Path(root) / "index"
     if not folder.is_dir():
         return index
-    for path in sorted(folder.glob("*.jsonl")):
+    for path in sorted(folder.glob("*.jsonl"), key=_index_order):
         with open(path, encoding="utf-8") as fh:
             for line in fh:
                 line = line.strip()

@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 _CALIBRATION = re.compile(r"^(sleep|synthetic):(\d+(?:\.\d+)?)ms$")
 MODEL_SUFFIXES = (".pt", ".onnx", ".engine", ".torchscript", ".yaml", ".xml", ".tflite", ".mlpackage")
+SAFE_SUFFIXES = (".onnx", ".engine", ".xml")
+"""Formats that hold no pickle: ONNX, TensorRT, OpenVINO IR (``model.safe_formats_only``)."""
 
 
 class Detector(Protocol):
@@ -88,7 +90,7 @@ class UltralyticsDetector:
     def load(self) -> None:
         if self._model is not None:
             return
-        check_model(self.config.name)
+        check_model(self.config.name, safe_only=self.config.safe_formats_only)
         try:
             from ultralytics import YOLO
 
@@ -120,6 +122,9 @@ class CalibrationDetector:
     A calibration tool for scaling experiments on small machines, selected with
     ``model.name: "sleep:40ms"``; ``vapipe run`` refuses it unless asked.
     """
+
+    needs_pixels = False
+    """Finds nothing whatever the pixels: the InterConsumer does not decode JPEGs for it."""
 
     def __init__(self, per_frame_s: float) -> None:
         self.per_frame_s = per_frame_s
@@ -169,6 +174,8 @@ class SyntheticDetector(CalibrationDetector):
     what is detected does not matter but that every box is cropped and counted exactly once does.
     """
 
+    needs_pixels = True
+
     def __init__(self, per_frame_s: float) -> None:
         super().__init__(per_frame_s)
         self.name = f"synthetic:{per_frame_s * 1000:g}ms"
@@ -182,16 +189,23 @@ def is_calibration(name: str) -> bool:
     return bool(_CALIBRATION.match(name))
 
 
-def check_model(name: str) -> None:
-    """Fail early, with one line, on a model path that cannot exist.
+def check_model(name: str, safe_only: bool = False) -> None:
+    """Fail early, with one line, on a model path that cannot exist (or, with ``safe_only``, that is not
+    a pickle-free format: a ``.pt`` file runs whatever code it carries when loaded).
 
     Bare official names ('yolov8n.pt') are left to ultralytics, which downloads them.
 
     Raises:
-        ModelError: the name looks like a path and no such file exists.
+        ModelError: the name looks like a path and no such file exists; or ``safe_only`` and the
+            format is not ONNX, TensorRT or OpenVINO.
     """
     if is_calibration(name):
         return
+    if safe_only and not (name.endswith(SAFE_SUFFIXES) or name.rstrip("/").endswith("_openvino_model")):
+        raise ModelError(
+            f"model {name!r} refused: model.safe_formats_only accepts only ONNX (.onnx), TensorRT (.engine) "
+            "or OpenVINO (.xml, *_openvino_model) files; pickle-based weights (.pt) can run code when loaded"
+        )
     path = Path(name).expanduser()
     if path.exists():
         if path.is_dir() and path.suffix not in (".mlpackage", ""):
@@ -212,5 +226,5 @@ def make_detector(config: ModelConfig) -> Detector:
     if match:
         kind, per_frame_s = match.group(1), float(match.group(2)) / 1000.0
         return SyntheticDetector(per_frame_s) if kind == "synthetic" else CalibrationDetector(per_frame_s)
-    check_model(config.name)
+    check_model(config.name, safe_only=config.safe_formats_only)
     return UltralyticsDetector(config)

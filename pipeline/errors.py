@@ -12,6 +12,7 @@ __all__ = [
     "BrokerError",
     "TopicError",
     "SinkError",
+    "AccessDeniedError",
 ]
 
 
@@ -49,3 +50,7 @@ class TopicError(PipelineError):
 
 class SinkError(PipelineError):
     """An output (crop folder, index file) cannot be written."""
+
+
+class AccessDeniedError(PipelineError):
+    """A secured broker refused an operation this client's user has no ACL for (never retried)."""

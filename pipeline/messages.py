@@ -27,9 +27,13 @@ class FrameMeta:
     Attributes:
         stream_id: name of the camera or video the frame belongs to.
         frame_index: position of the frame in its stream, from 0; restores per-stream order.
-        capture_ts: wall-clock time (Unix seconds) when the producer read the frame.
+        capture_ts: when the frame was captured (Unix seconds): grabbed from a live camera, or the
+            frame's time within a recording from when the producer started it, so a replayed file has
+            the same clock whatever the producer's pace (the tracker's clock).
         width: image width in pixels.
         height: image height in pixels.
+        publish_ts: when the producer published it (Unix seconds); the pipeline's latency is measured
+            from here. None in records written before it existed: ``published_at`` is then ``capture_ts``.
     """
 
     stream_id: str
@@ -38,6 +42,12 @@ class FrameMeta:
     width: int
     height: int
     schema_version: int = SCHEMA_VERSION
+    publish_ts: float | None = None
+
+    @property
+    def published_at(self) -> float:
+        """When the frame entered the pipeline."""
+        return self.capture_ts if self.publish_ts is None else self.publish_ts
 
     def __post_init__(self) -> None:
         if not self.stream_id:
@@ -63,10 +73,12 @@ class EndOfStream:
     schema_version: int = SCHEMA_VERSION
 
 
-SkipReason = Literal["poison", "too_large", "lost_gap"]
+SkipReason = Literal["poison", "too_large", "lost_gap", "disconnected", "behind"]
 """Why a frame index will never be counted: its record was dead-lettered because it could not be
-decoded (``poison``) or its output would not fit a record (``too_large``), or the count table gave up
-waiting for it (``lost_gap``: more frames above it applied than the reorder horizon)."""
+decoded (``poison``) or its output would not fit a record (``too_large``), the count table gave up
+waiting for it (``lost_gap``: more frames above it applied than the reorder horizon), or its camera
+was away when it would have been captured (``disconnected``: the producer numbers on over an outage),
+or it was dropped at the source because the pipeline was behind (``behind``: ``producer.mode: realtime``)."""
 
 
 @dataclass(frozen=True, slots=True)

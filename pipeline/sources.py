@@ -8,7 +8,11 @@ logged and counted, never silently lost.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import re
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,14 +22,16 @@ import cv2
 import numpy as np
 
 from pipeline.errors import SourceError
+from pipeline.live import check_scheme, redact_url, url_stream_name
 
-__all__ = ["SourceSpec", "Frame", "VideoSource", "parse_source", "demo_image_path"]
+__all__ = ["SourceSpec", "Frame", "CaptureClock", "VideoSource", "parse_source", "demo_image_path"]
 
 logger = logging.getLogger(__name__)
 
 SourceKind = Literal["file", "url", "webcam", "folder", "pan"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 MAX_CONSECUTIVE_BAD_FRAMES = 25
+MAX_PLAUSIBLE_FPS = 1000.0
 _STREAM_ID = re.compile(r"[^A-Za-z0-9_.@-]+")
 
 
@@ -40,6 +46,16 @@ class SourceSpec:
     explicit_id: bool = False
     """True when the user named the stream (``cam1=…``): the id then persists across runs."""
 
+    @property
+    def display(self) -> str:
+        """The URI as logs, errors, status and summaries show it: a URL's password redacted."""
+        return redact_url(self.uri) if self.kind == "url" else self.uri
+
+    @property
+    def live(self) -> bool:
+        """A camera (URL or webcam): frames are timed when grabbed, and a restart goes on rather than replaying."""
+        return self.kind in ("url", "webcam")
+
     def for_run(self, run_id: str) -> SourceSpec:
         """Give a derived stream id a per-run suffix so each run of a file is counted afresh."""
         if self.explicit_id:
@@ -47,10 +63,60 @@ class SourceSpec:
         return replace(self, stream_id=f"{self.stream_id}@{run_id}")
 
 
+LIVE_FFMPEG_OPTIONS = "rtsp_transport;tcp|analyzeduration;500000|probesize;32768|fflags;nobuffer"
+"""FFmpeg options for network cameras (unless ``OPENCV_FFMPEG_CAPTURE_OPTIONS`` is set): RTSP over
+TCP (no lost packets to half-decode, passes NAT), and a short probe with no input buffer: FFmpeg's
+default probe reads ~3 s of a camera before the first frame, which every frame then lags behind."""
+_FFMPEG_OPTIONS_LOCK = threading.Lock()
+
+NOMINAL_FPS = 10.0
+"""Frame rate of sources that have none (image folders, panned stills, files without one): the study's 10."""
+
+
 @dataclass(frozen=True, slots=True)
 class Frame:
+    """One image read from a source.
+
+    Attributes:
+        index: position in the source, from 0, counting frames that could not be read.
+        image: BGR pixels.
+        grabbed_ts: wall-clock time (Unix seconds) when it was read.
+        media_s: its time within a recording (index over the recording's frame rate); None for a live
+            source, whose frames are timed by when they are grabbed.
+    """
+
     index: int
     image: np.ndarray
+    grabbed_ts: float
+    media_s: float | None = None
+
+
+class CaptureClock:
+    """Capture times of one run's frames: when grabbed for a camera; for a recording, its media time
+    from when the run's first frame was grabbed, so the tracker sees the clip's own timing however
+    fast or unevenly the producer publishes it (a starved producer no longer breaks every track).
+
+    The epoch is a whole second: ``epoch + media_s`` then rounds the same way in every run, so two
+    runs of one clip give the tracker bit-identical time steps and count the same vehicles.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: float | None = None
+
+    def continue_from(self, frame: Frame, capture_ts: float) -> None:
+        """A resumed recording: ``frame`` was published before at ``capture_ts``; later frames follow on."""
+        if frame.media_s is None:
+            return
+        epoch = capture_ts - frame.media_s
+        whole = float(round(epoch))
+        self.epoch = whole if abs(epoch - whole) < 1e-3 else epoch  # the predecessor's whole-second epoch
+
+    def capture_ts(self, frame: Frame) -> float:
+        if frame.media_s is None:
+            return frame.grabbed_ts
+        if self.epoch is None:
+            self.epoch = float(math.floor(frame.grabbed_ts - frame.media_s))
+        return self.epoch + frame.media_s
 
 
 def _sanitize_stream_id(text: str) -> str:
@@ -101,8 +167,8 @@ def _parse_uri(text: str, stream_id: str | None) -> SourceSpec:
             rest, frames = head, int(tail)
         return SourceSpec(uri=rest, stream_id=_sanitize_stream_id(stream_id or Path(rest).stem), kind="pan", pan_frames=frames)
     if re.match(r"^[a-z][a-z0-9+.-]*://", text, re.I):
-        default = re.sub(r"^[a-z][a-z0-9+.-]*://", "", text, flags=re.I)
-        return SourceSpec(uri=text, stream_id=_sanitize_stream_id(stream_id or default), kind="url")
+        check_scheme(text)
+        return SourceSpec(uri=text, stream_id=_sanitize_stream_id(stream_id or url_stream_name(text)), kind="url")
     if text.isdigit():
         return SourceSpec(uri=text, stream_id=_sanitize_stream_id(stream_id or f"webcam{text}"), kind="webcam")
     path = Path(text).expanduser()
@@ -117,16 +183,35 @@ class VideoSource:
         frames_skipped: frames that could not be read and were skipped.
     """
 
-    def __init__(self, spec: SourceSpec, max_frames: int | None = None) -> None:
+    def __init__(self, spec: SourceSpec, max_frames: int | None = None, timeout_s: float | None = None) -> None:
+        """``timeout_s``: a network source that does not open, or sends no frame, for this long fails."""
         self.spec = spec
         self.max_frames = max_frames
+        self.timeout_s = timeout_s
         self.frames_skipped = 0
         self._cap: cv2.VideoCapture | None = None
         self._first: np.ndarray | None = None
+        self._first_ts = 0.0
         self._images: list[Path] = []
         self._still: np.ndarray | None = None
         self.frame_count: int | None = None
         self.native_fps: float | None = None
+
+    @property
+    def live(self) -> bool:
+        """A camera: frames are timed when grabbed, and a restart goes on rather than replaying."""
+        return self.spec.live
+
+    @property
+    def media_fps(self) -> float | None:
+        """The rate at which a recording was captured (``NOMINAL_FPS`` if it does not say); None when live."""
+        if self.live:
+            return None
+        return self.native_fps or NOMINAL_FPS
+
+    def _frame(self, index: int, image: np.ndarray, grabbed_ts: float | None = None) -> Frame:
+        fps = self.media_fps
+        return Frame(index, image, time.time() if grabbed_ts is None else grabbed_ts, None if fps is None else index / fps)
 
     # -- opening -------------------------------------------------------------
     def open(self) -> VideoSource:
@@ -153,21 +238,39 @@ class VideoSource:
                 raise SourceError(f"video source is not a file: {uri}")
             if path.stat().st_size == 0:
                 raise SourceError(f"video file is empty: {uri}")
-        cap = cv2.VideoCapture(int(uri)) if kind == "webcam" else cv2.VideoCapture(uri)
+        cap = self._capture()
+        shown = self.spec.display
         if not cap.isOpened():
             cap.release()
             what = {"file": "video file", "url": "stream", "webcam": "webcam"}[kind]
-            raise SourceError(f"cannot open {what} {uri}: OpenCV found no decodable video")
+            raise SourceError(f"cannot open {what} {shown}: OpenCV found no decodable video")
         ok, first = cap.read()
         if not ok or first is None:
             cap.release()
-            raise SourceError(f"no readable frame in {uri}: the video is corrupt or empty")
-        self._cap, self._first = cap, first
+            raise SourceError(f"no readable frame in {shown}: the video is corrupt or empty")
+        self._cap, self._first, self._first_ts = cap, first, time.time()
         count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count = count if kind == "file" and count > 0 else None
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
-        self.native_fps = fps if fps > 0 else None
+        self.native_fps = fps if 0 < fps <= MAX_PLAUSIBLE_FPS else None  # some containers report a timebase
         return self
+
+    def _capture(self) -> cv2.VideoCapture:
+        kind, uri = self.spec.kind, self.spec.uri
+        if kind == "webcam":
+            return cv2.VideoCapture(int(uri))
+        if kind != "url" or self.timeout_s is None:
+            return cv2.VideoCapture(uri)
+        ms = max(1, round(self.timeout_s * 1000))
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        if "OPENCV_FFMPEG_CAPTURE_OPTIONS" in os.environ:  # the user's own FFmpeg options win
+            return cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+        with _FFMPEG_OPTIONS_LOCK:  # OpenCV reads the variable when it opens: set it for this open only
+            os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = LIVE_FFMPEG_OPTIONS
+            try:
+                return cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
+            finally:
+                del os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"]
 
     def close(self) -> None:
         if self._cap is not None:
@@ -206,25 +309,25 @@ class VideoSource:
             if image is None:
                 self._skip(index, f"cannot decode {path.name}")
                 continue
-            yield Frame(index, image)
+            yield self._frame(index, image)
 
     def _iter_pan(self) -> Iterator[Frame]:
         assert self._still is not None
-        yield from (Frame(i, img) for i, img in enumerate(pan_frames(self._still, self.spec.pan_frames)))
+        yield from (self._frame(i, img) for i, img in enumerate(iter_pan_frames(self._still, self.spec.pan_frames)))
 
     def _iter_capture(self) -> Iterator[Frame]:
         cap = self._cap
         if cap is None:
-            raise SourceError(f"source {self.spec.uri} is not open")
+            raise SourceError(f"source {self.spec.display} is not open")
         assert self._first is not None
-        yield Frame(0, self._first)
+        yield self._frame(0, self._first, self._first_ts)
         self._first = None
         index, bad_run = 1, 0
         while True:
             ok, image = cap.read()
             if ok and image is not None:
                 bad_run = 0
-                yield Frame(index, image)
+                yield self._frame(index, image)
                 index += 1
                 continue
             # A failed read is the end of a file unless frames remain; then it is a bad frame.
@@ -242,17 +345,20 @@ def pan_frames(image: np.ndarray, count: int, out_width: int = 640, out_height: 
     The still is scaled so it is 1.5x wider than the window, then the window slides
     from left to right and back.
     """
+    return list(iter_pan_frames(image, count, out_width, out_height))
+
+
+def iter_pan_frames(image: np.ndarray, count: int, out_width: int = 640, out_height: int = 480) -> Iterator[np.ndarray]:
+    """``pan_frames`` one frame at a time: a pan of millions of frames (the soak's endless source) holds one."""
     if count <= 0:
-        return []
+        return
     h, w = image.shape[:2]
     scale = max(out_height / h, 1.5 * out_width / w)
     scaled = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
     sh, sw = scaled.shape[:2]
     span = sw - out_width
     top = (sh - out_height) // 2
-    frames = []
     for i in range(count):
         phase = (i / max(count - 1, 1)) * 2
         x = round(span * (phase if phase <= 1 else 2 - phase))
-        frames.append(np.ascontiguousarray(scaled[top : top + out_height, x : x + out_width]))
-    return frames
+        yield np.ascontiguousarray(scaled[top : top + out_height, x : x + out_width])

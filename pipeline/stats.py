@@ -70,8 +70,9 @@ class LatencyHistogram:
             return cls.LOW_MS
         return float(cls.LOW_MS * cls.GROWTH ** (bucket - 0.5))
 
-    def record(self, value_ms: float) -> None:
-        self.counts[self._bucket(value_ms)] += 1
+    def record(self, value_ms: float, n: int = 1) -> None:
+        """Add ``n`` samples of ``value_ms`` (a batch's per-frame time, once per frame)."""
+        self.counts[self._bucket(value_ms)] += n
 
     @property
     def count(self) -> int:
@@ -89,6 +90,21 @@ class LatencyHistogram:
         rank = min(max(int(q * total), 0), total - 1)
         bucket = int(np.searchsorted(np.cumsum(self.counts), rank, side="right"))
         return self._value(bucket)
+
+    def cumulative(self, bounds_ms: list[float]) -> list[int]:
+        """Samples at or below each bound, as a Prometheus histogram's ``le`` buckets want them.
+
+        A sample counts below a bound when its whole bucket does, so each figure is exact to one
+        bucket (2%) of the bound.
+        """
+        uppers = self.LOW_MS * self.GROWTH ** np.arange(self.BUCKETS)
+        cum = np.cumsum(self.counts)
+        return [int(cum[i - 1]) if i > 0 else 0 for i in np.searchsorted(uppers, bounds_ms, side="right")]
+
+    def total_ms(self) -> float:
+        """Sum of the samples, each taken at its bucket's middle (±1%)."""
+        nonzero = np.flatnonzero(self.counts)
+        return float(sum(self._value(int(i)) * int(self.counts[i]) for i in nonzero))
 
     def summary(self) -> dict[str, float]:
         """The summary's ``count_latency_ms`` block: p50, p95, p99 and the sample count ``n``."""
@@ -159,6 +175,14 @@ class WorkerStats:
     """Frames/s over the last ~30 polls."""
     lag: int | None = None
     """Records left in the partitions this worker owns."""
+    partition_lag: dict[str, int] = field(default_factory=dict)
+    """The same per input partition (partition number as a string)."""
+    lag_s: float | None = None
+    """Consumer lag in seconds, from record timestamps: how long the oldest record of the last polled
+    batch had waited in Kafka (0 when a poll finds nothing new)."""
+    busy: float = 0.0
+    """Fraction of the last 10 s spent processing batches (decode, detect, encode; not the commit):
+    1.0 is a replica that never waits for input."""
     uptime_s: float = 0.0
     last_error: str | None = None
     """The last failure, cleared when a retry succeeds."""
@@ -170,7 +194,14 @@ class WorkerStats:
     end_of_streams: int = 0
     model: str | None = None
     inference_s: float = 0.0
-    """Seconds spent in the detector."""
+    """Seconds spent in the model (inference only)."""
+    decode_s: float = 0.0
+    """Seconds spent decoding and letterboxing JPEGs for the model (none for the calibration detector)."""
+    postprocess_s: float = 0.0
+    """Seconds spent in post-processing (NMS, boxes scaled back); 0 where the model does its own."""
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-frame milliseconds of each InterConsumer phase (``decode``, ``inference``, ``post``) as
+    ``LatencyHistogram.to_dict()``, from the same clocks as the seconds above, so replicas merge exactly."""
     # crop
     crops: dict[str, int] = field(default_factory=dict)
     """Crops written per label, committed batches only."""
@@ -179,6 +210,12 @@ class WorkerStats:
     """Redelivered frames the table had already applied."""
     restores: int = 0
     """Times the table was re-read from its changelog (assignments and rewinds)."""
+    restore_records: int = 0
+    """Changelog records those restores read (only owned partitions, only after a local checkpoint)."""
+    restore_s: list[float] = field(default_factory=list)
+    """Seconds each of the last 32 restores took."""
+    restored_partitions: list[int] = field(default_factory=list)
+    """Changelog partitions the last restore read (those numbered like the owned C partitions)."""
     table: dict[str, dict[str, Any]] = field(default_factory=dict)
     """This replica's view of the count table: stream -> snapshot summary."""
     latency_ms: dict[str, float] = field(default_factory=dict)
@@ -192,6 +229,8 @@ class WorkerStats:
     # producer
     stream_id: str | None = None
     frames_skipped: int = 0
+    camera: dict[str, Any] | None = None
+    """A live source's ``CameraStatus.to_dict()``: connected or reconnecting (since, attempts), last frame."""
     # placement
     node: str | None = None
     node_id: str | None = None
@@ -286,6 +325,9 @@ class RunSummary:
     """Runs with ``tracking.enabled``: stream id -> ``unique_vehicles``, ``moving_vehicles`` and
     ``stationary_vehicles`` (class -> vehicles), ``line_crossings`` (line -> "in"/"out" -> class ->
     crossings), ``frames_tracked`` and ``frames_stepped_over`` (never came, or came too late)."""
+    autoscale: dict[str, Any] | None = None
+    """Runs with ``inter.autoscale.enabled``: its ``config``, scale ``events`` (time, change, replicas
+    after, why) and one ``samples`` row a second (replicas, ready, lag_s, busy, input_fps)."""
 
     def report(self) -> str:
         """The few lines a person reads at the end of a run (the JSON has everything else)."""
@@ -311,6 +353,11 @@ class RunSummary:
         lines.append(
             f"  dead-lettered: {sum(self.dead_lettered.values())}, retried batches: {sum(self.retried_batches.values())}"
         )
+        nodes: dict[str, list[str]] = {}
+        for name, actor in self.actors.items():
+            nodes.setdefault(str(actor.get("node") or "?"), []).append(name)
+        if len(nodes) > 1:  # a cluster: say where each actor ran
+            lines.append("  actors by node: " + "; ".join(f"{node}: {', '.join(names)}" for node, names in sorted(nodes.items())))
         if self.summary_path:
             lines.append(f"  summary: {self.summary_path}")
         return "\n".join(lines)
@@ -318,7 +365,7 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: every field, leaving out engine-specific ones that are unset."""
         data = asdict(self)
-        for key in ("engines", "processing_guarantee", "restarts", "moving_window", "summary_path", "traffic"):
+        for key in ("engines", "processing_guarantee", "restarts", "moving_window", "summary_path", "traffic", "autoscale"):
             if data[key] is None:
                 del data[key]
         return data

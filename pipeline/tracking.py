@@ -294,15 +294,18 @@ class ByteTracker:
         self.frames = 0
 
     def update(self, detections: Detections, capture_ts: float, width: int, height: int) -> TrackedObjects:
-        """Advance to ``capture_ts`` and associate this frame's boxes; frames must come in capture order.
+        """Advance to ``capture_ts`` and associate this frame's boxes; frames come in index order.
+
+        A frame stamped before the previous one (a camera whose clock stepped back, a forged stamp) is
+        taken as no time passing: one bad stamp must not stop the stream's counting.
 
         Returns:
             The confirmed tracks matched in this frame.
         """
         cfg = self.config
+        if self.last_ts is not None:
+            capture_ts = max(capture_ts, self.last_ts)
         dt = 0.0 if self.last_ts is None else capture_ts - self.last_ts
-        if dt < 0:
-            raise ValueError(f"frames must come in capture order: {capture_ts} is before {self.last_ts}")
         first_frame = self.frames == 0
         self.frames += 1
         self.last_ts = capture_ts

@@ -148,7 +148,7 @@ def build_settings(bootstrap: str, out_dir: Path, model: str, **overrides: Any) 
         "kafka": {"bootstrap_servers": bootstrap, "session_timeout_ms": 10000, "heartbeat_interval_ms": 1000},
         "topics": {
             key: {"name": f"t{tag}.{key}"}
-            for key in ("frames", "detected_frames", "detections", "counts", "counts_changelog", "dead_letter")
+            for key in ("frames", "detected_frames", "detections", "counts", "counts_changelog", "dead_letter", "streams")
         },
         "group_prefix": f"g{tag}",
         "output_dir": str(out_dir / f"out-{tag}"),
@@ -156,6 +156,7 @@ def build_settings(bootstrap: str, out_dir: Path, model: str, **overrides: Any) 
         "producer": {"fps": 0},
     }
     tree["topics"]["counts_changelog"]["config"] = {"cleanup.policy": "compact"}
+    tree["topics"]["streams"]["config"] = {"cleanup.policy": "compact"}
     for dotted, value in overrides.items():
         set_path(tree, dotted.split("__"), value)
     return load_settings(None, overrides=tree, environ={})
@@ -191,3 +192,24 @@ def ray_local() -> Iterator[Any]:
             yield ray
     except Exception as exc:  # Ray failing to start is a failure, not a skip
         _missing(f"Ray did not start: {exc}")
+
+
+CAMERA_PASSWORD = "s3cretPW"
+CAMERA_FPS = 10
+
+
+@pytest.fixture(scope="module")
+def camera(highway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real RTSP camera (GStreamer, 10 f/s, user admin with ``CAMERA_PASSWORD``) serving the looped
+    highway video, one per test module; a test may stop, start or freeze it."""
+    from cluster.rtsp import RtspServer, check_rtsp_server
+    from pipeline.errors import PipelineError
+
+    try:
+        check_rtsp_server()
+    except PipelineError as exc:
+        _missing(str(exc))
+    log = tmp_path_factory.mktemp("rtsp") / "server.log"
+    server = RtspServer(highway, port=free_port(), fps=CAMERA_FPS, user="admin", password=CAMERA_PASSWORD, log=log)
+    with server:
+        yield server

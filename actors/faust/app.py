@@ -41,12 +41,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from actors.faust.gaps import EventRecord, SkippedRecords, hold_faust_gaps
 from actors.faust.recovery import read_committed, recover_to_last_record, recovery_waiting
 from actors.faust.tables import CountTables
 from actors.stages import WORKERS, CountWorker
 from pipeline.codecs import Record
-from pipeline.config import Settings
+from pipeline.config import KafkaConfig, Settings
 from pipeline.errors import ConfigError, PipelineError
 
 __all__ = ["FaustStage", "CollectingProducer", "faust_guarantee", "settings_to_json", "settings_from_json"]
@@ -82,12 +84,20 @@ def faust_guarantee(settings: Settings) -> str:
         ) from None
 
 
+def _reveal(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, dict):
+        return {k: _reveal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_reveal(v) for v in value]
+    return value
+
+
 def settings_to_json(settings: Settings) -> str:
-    """Settings for a worker process, secrets included (``model_dump_json`` would mask them)."""
-    data = settings.model_dump(mode="json")
-    password = settings.kafka.sasl_password
-    data["kafka"]["sasl_password"] = password.get_secret_value() if password is not None else None
-    return json.dumps(data)
+    """Settings for a worker process, secrets included (``model_dump_json`` would mask them); the
+    engine writes them to a file only its user can read (0600), never on a command line."""
+    return json.dumps(_reveal(settings.model_dump(mode="python")), default=str)
 
 
 def settings_from_json(text: str) -> Settings:
@@ -130,12 +140,39 @@ class CollectingProducer:
 
 
 def _broker_urls(settings: Settings) -> list[str]:
-    if settings.kafka.security_protocol != "PLAINTEXT" or settings.kafka.extra:
+    if settings.kafka.extra:
         raise ConfigError(
-            f"the Faust engine connects with PLAINTEXT only (kafka.security_protocol={settings.kafka.security_protocol!r}, "
-            f"kafka.extra={sorted(settings.kafka.extra)}); use --engine ray for SSL/SASL or extra client settings"
+            f"the Faust engine cannot pass kafka.extra={sorted(settings.kafka.extra)} to aiokafka; "
+            "use the typed kafka settings or --engine ray"
         )
     return [f"kafka://{h}" for h in settings.kafka.hosts()]
+
+
+def broker_credentials(kafka: KafkaConfig) -> Any:
+    """The typed kafka settings (TLS, SASL/SCRAM, mTLS) as Faust credentials for aiokafka; None for PLAINTEXT."""
+    import ssl
+
+    import faust
+
+    from cluster.clients import client_kwargs
+
+    if kafka.security_protocol == "PLAINTEXT":
+        return None
+    kwargs = client_kwargs(kafka)  # the same checks and password file as the Ray engine's clients
+    context = None
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=kwargs["ssl_cafile"])
+        context.check_hostname = kafka.ssl_check_hostname
+        if kwargs["ssl_certfile"]:
+            context.load_cert_chain(kwargs["ssl_certfile"], kwargs["ssl_keyfile"])
+    if kafka.security_protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(
+        username=kwargs["sasl_plain_username"],
+        password=kwargs["sasl_plain_password"],
+        ssl_context=context,
+        mechanism=kafka.sasl_mechanism,
+    )
 
 
 class FaustStage:
@@ -156,7 +193,7 @@ class FaustStage:
 
         if stage not in WORKERS:
             raise ConfigError(f"unknown stage {stage!r}; expected one of {sorted(WORKERS)}")
-        self.settings = settings
+        self.settings = settings = settings.for_role(stage)  # type: ignore[arg-type]  # inter, crop or count
         self.stage = stage
         self.name = name
         self.stats_path = stats_path
@@ -180,6 +217,7 @@ class FaustStage:
         self.app = faust.App(
             settings.group(stage),
             broker=_broker_urls(settings),
+            broker_credentials=broker_credentials(settings.kafka),
             broker_client_id=name,
             processing_guarantee=faust_guarantee(settings),
             web_enabled=False,
@@ -202,6 +240,8 @@ class FaustStage:
             consumer_auto_offset_reset="earliest",
             broker_max_poll_records=getattr(settings, stage).batch_size * 4,
             stream_wait_empty=True,
+            # Every table is declared below, before the worker starts: no second's wait for late ones.
+            TableManager="actors.faust.prompt:TableManager",
         )
         self._topics: dict[str, Any] = {}
         hold_faust_gaps()
@@ -217,6 +257,10 @@ class FaustStage:
             self.app.agent(source, name=f"vapipe.{stage}")(self._count_agent)
         else:
             self.app.agent(source, name=f"vapipe.{stage}")(self._batch_agent)
+        self._stream_partitions: dict[str, int] = {}
+        """The partition of C (and of the changelog, co-partitioned) each counted stream came on."""
+        if stage == "count" and settings.tracking.enabled:
+            self.app.timer(max(settings.tracking.reorder_wait_s / 2, 0.05))(self._idle_flush)
         self._stats_task: asyncio.Future[None] | None = None
         self.app.timer(0.5)(self._write_stats)  # starts the writer if no assignment has yet
         self.app.timer(5.0)(self._restart_if_stuck)
@@ -290,6 +334,8 @@ class FaustStage:
                 records = skipped + records  # all of one partition: the event's table writes go to its changelog partition
                 for record in records:
                     tables.sync(record.key)
+                    if record.key:
+                        self._stream_partitions[record.key.decode("utf-8", "replace")] = record.partition
                     self.worker.process([record])
                     for topic, rec, partition in self.producer.take():
                         if topic == changelog:
@@ -305,6 +351,38 @@ class FaustStage:
             except Exception as exc:
                 self._die(exc, records)
             self._done(records)
+
+    async def _idle_flush(self) -> None:
+        """The Ray shell's ``CountWorker.on_idle`` for Faust: apply the frames of this worker's streams that
+        waited ``tracking.reorder_wait_s`` for a missing one while no record came to carry them.
+
+        Only streams whose partition this worker holds now, each synced from the Table first (the Table
+        is the truth); the snapshots go to each stream's own changelog partition. Runs between events on
+        the event loop, so it never interleaves with the count agent's synchronous work.
+        """
+        worker, tables = self.worker, self.count_tables
+        assert isinstance(worker, CountWorker) and tables is not None
+        if self.app.rebalancing:
+            return
+        held = {tp.partition for tp in self._assignment()}
+        worker.owned = {sid for sid in worker.owned if self._stream_partitions.get(sid) in held}
+        if not worker.counter.overdue(worker.owned, time.time()):
+            return
+        changelog = self.settings.topics.counts_changelog.name
+        try:
+            for sid in worker.owned:
+                tables.sync(sid.encode())
+            worker.process([])
+            sends = []
+            for topic, rec, partition in self.producer.take():
+                if topic == changelog:
+                    assert rec.key is not None
+                    tables.put_outside_event(rec, self._stream_partitions[rec.key.decode("utf-8", "replace")])
+                else:
+                    sends.append(await self._send(topic, rec, partition))
+            await asyncio.gather(*sends, *tables.take_sends())
+        except Exception as exc:
+            self._die(exc, [])
 
     async def _skipped_before(self, records: list[EventRecord]) -> tuple[list[EventRecord], list[tuple[int, int, int]]]:
         if self.skips.advance(records):
@@ -419,7 +497,9 @@ class FaustStage:
             self._stats_task = asyncio.ensure_future(self._stats_loop())
 
     async def _stats_loop(self) -> None:
-        while not self.stopped:
+        # Ends when the app stops (the worker writes the last stats): a task left running held the
+        # worker's exit for a second (mode waits for every task before closing its loop).
+        while not self.stopped and not self.app.should_stop:
             self._write_stats_now()
             await asyncio.sleep(0.5)
 

@@ -11,7 +11,8 @@ The run ends as a Ray run does: every producer has published its end-of-stream
 record, the count table (read from its changelog, which both engines share) has
 applied every frame of every stream, and the crop group has committed topic B.
 A Faust worker process that dies is restarted (``faust.max_restarts``), like a Ray
-actor; its table partitions recover from the changelog.
+actor; its table partitions recover from the changelog. Streams declared or removed while
+it runs (``vapipe streams add/remove``) start or end a producer process, as on Ray.
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ from actors.faust.app import settings_to_json
 from actors.faust.tables import moving_changelog
 from actors.launcher import Progress, RunPlan, drain, prepare_run, summarise, wait_ready, write_summary
 from actors.ray.engine import RayWorkers
+from actors.streams import StreamCommands, apply_stream_commands
 from cluster.raycluster import ray_session
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.sources import SourceSpec
 from pipeline.stats import STAGES, LatencyHistogram, RunSummary
 
 __all__ = ["run_engines", "FaustProcess", "FaustWorkers", "faust_status"]
@@ -206,6 +209,7 @@ def run_engines(
 
     faust_guarantee(settings)
     prepare_run(settings, plan, extra_topics=[moving_changelog(settings)] if engines["count"] == "faust" else [])
+    commands_from = StreamCommands.end(settings)  # streams added from now on (`vapipe streams add`) join this run
     run_dir = _run_dir(settings, plan.run_id)
     settings_file = run_dir / "settings.json"
     settings_file.touch(mode=0o600)
@@ -230,17 +234,17 @@ def run_engines(
                     name, stage, ["stage", stage, name, str(run_dir)], run_dir, settings.faust.max_restarts
                 )
                 workers[name].start()
-        group = FaustWorkers(workers, producers, ray_workers)
+        group = FaustWorkers(workers, producers, ray_workers, run_dir)
         wait_ready(settings, group, timeout_s=plan.stall_timeout_s)
+        since_ms = int((time.time() - 60) * 1000)  # as the Ray engine: bounds a resumed stream's scan of A
         for spec in plan.sources:
-            name = f"producer-{spec.stream_id}"
-            producers[name] = FaustProcess(
-                name, "producer", ["produce", name, str(run_dir), json.dumps(dataclasses.asdict(spec))], run_dir, max_restarts=0
-            )
-            producers[name].start(new_session=False)
+            group.add_producer(settings, spec, since_ms)
         t0 = time.time()
         progress = Progress()
-        produced = drain(settings, plan, group, progress, on_progress)
+        commands = on_exit.enter_context(contextlib.closing(StreamCommands(settings, before=commands_from)))
+        produced = drain(
+            settings, plan, group, progress, on_progress, lambda: apply_stream_commands(settings, plan, group, commands, since_ms)
+        )
         wall = time.time() - t0
         for w in workers.values():
             w.stop()
@@ -283,11 +287,32 @@ class FaustWorkers:
     Polling restarts a Faust worker that died unasked, as Ray restarts an actor.
     """
 
-    def __init__(self, workers: dict[str, FaustProcess], producers: dict[str, FaustProcess], ray: RayWorkers | None) -> None:
+    def __init__(
+        self, workers: dict[str, FaustProcess], producers: dict[str, FaustProcess], ray: RayWorkers | None, run_dir: Path
+    ) -> None:
         self.workers = workers
         self.producers = producers
         self.ray = ray
+        self.run_dir = run_dir
         self._reported: set[str] = set()
+
+    def add_producer(self, settings: Settings, spec: SourceSpec, since_ms: int | None) -> None:
+        """Start a producer process for one stream (at the start, or ``vapipe streams add``)."""
+        name = f"producer-{spec.stream_id}"
+        argv = ["produce", name, str(self.run_dir), json.dumps(dataclasses.asdict(spec))]
+        if since_ms is not None:
+            argv.append(str(since_ms))
+        self.producers[name] = FaustProcess(name, "producer", argv, self.run_dir, max_restarts=0)
+        self.producers[name].start(new_session=False)
+
+    def remove_producer(self, stream_id: str) -> bool:
+        """End one stream (``vapipe streams remove``): SIGUSR1 has its producer publish the end and finish."""
+        p = self.producers.get(f"producer-{stream_id}")
+        if p is None or not p.alive():
+            return False
+        assert p.proc is not None
+        p.proc.send_signal(signal.SIGUSR1)
+        return True
 
     def stage_names(self) -> list[str]:
         return list(self.workers) + (self.ray.stage_names() if self.ray is not None else [])

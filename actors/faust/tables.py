@@ -5,6 +5,13 @@ The vehicle table's changelog *is* the Ray engine's ``topics.counts_changelog`` 
 value = the counter's JSON snapshot), so either engine reads the other's table. The stage
 worker's counter stays the one place counting happens; ``CountTables`` keeps it in step with
 the Faust table and hands back every changelog write, for the agent to await before it acks.
+
+Restores: Faust already recovers only the table partitions assigned to a worker (it
+co-partitions the table with C, checked below), and it gains the changelog's compaction settings
+(``topics.counts_changelog.config``: the active segment closes every 10 minutes) like the Ray
+engine does. It keeps no local checkpoint: the table's store is ``memory://``, so a worker
+replays its partitions from their first offset; a ``rocksdb://`` store would keep offsets
+locally (Faust's own checkpoint) but needs a native dependency the project does not ship.
 """
 
 from __future__ import annotations
@@ -124,6 +131,14 @@ class CountTables:
     def put(self, rec: Record) -> None:
         assert rec.key is not None and rec.value is not None
         self.table[rec.key] = rec.value
+        self.in_sync[rec.key.decode("utf-8", "replace")] = rec.value
+
+    def put_outside_event(self, rec: Record, partition: int) -> None:
+        """``put`` from a timer: Faust derives a write's changelog partition from the current event, and
+        a timer has none, so write the store and send the changelog record to ``partition`` by hand."""
+        assert rec.key is not None and rec.value is not None
+        self.table.data[rec.key] = rec.value
+        self.table.send_changelog(partition, rec.key, rec.value, key_serializer="raw", value_serializer="raw")
         self.in_sync[rec.key.decode("utf-8", "replace")] = rec.value
 
     def window(self, rec: Record) -> None:

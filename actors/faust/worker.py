@@ -1,7 +1,7 @@
 """Entry point of one process of the Faust engine: a stage worker or a producer.
 
 ``python -m actors.faust.worker stage STAGE NAME RUN_DIR`` runs one Faust worker of a
-stage; ``python -m actors.faust.worker produce NAME RUN_DIR SOURCE_JSON`` publishes one
+stage; ``python -m actors.faust.worker produce NAME RUN_DIR SOURCE_JSON [SINCE_MS]`` publishes one
 source. Both read ``RUN_DIR/settings.json`` and write ``RUN_DIR/NAME.json`` (stats,
 every half second) and, for producers, ``RUN_DIR/NAME.result.json``. ``actors.faust.engine``
 starts them; nobody needs to by hand.
@@ -34,13 +34,12 @@ def run_stage(stage: str, name: str, run_dir: Path) -> int:
     settings = settings_from_json((run_dir / "settings.json").read_text())
     # Before onnxruntime/torch load, as the Ray shell does: every core of this machine unless set.
     os.environ["OMP_NUM_THREADS"] = str(getattr(settings, stage).threads or os.cpu_count() or 1)
-    from faust.worker import Worker
-
     from actors.faust.app import FaustStage
+    from actors.faust.prompt import PromptWorker
 
     shell = FaustStage(settings, stage, name, stats_path=run_dir / f"{name}.json")
     shell.worker.setup()  # load the model before joining the group, as the Ray actor's start() does
-    worker = Worker(shell.app, loglevel="WARNING", logfile=str(run_dir / f"{name}.log"), quiet=True, override_logging=True)
+    worker = PromptWorker(shell.app, loglevel="WARNING", logfile=str(run_dir / f"{name}.log"), quiet=True, override_logging=True)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:
@@ -51,7 +50,7 @@ def run_stage(stage: str, name: str, run_dir: Path) -> int:
     return 0
 
 
-def run_producer(name: str, run_dir: Path, source_json: str) -> int:
+def run_producer(name: str, run_dir: Path, source_json: str, since_ms: int | None = None) -> int:
     from actors.faust.app import settings_from_json
     from actors.producer import FrameProducer
     from pipeline.errors import PipelineError
@@ -59,9 +58,10 @@ def run_producer(name: str, run_dir: Path, source_json: str) -> int:
 
     settings = settings_from_json((run_dir / "settings.json").read_text())
     spec = SourceSpec(**json.loads(source_json))
-    producer = FrameProducer(settings, spec, name)
+    producer = FrameProducer(settings, spec, name, since_ms=since_ms)
     signal.signal(signal.SIGINT, lambda *_: producer.stop())  # Ctrl-C: end the stream, the engine drains
     signal.signal(signal.SIGTERM, lambda *_: producer.stop())
+    signal.signal(signal.SIGUSR1, lambda *_: producer.stop(end=True))  # `vapipe streams remove`: end it for good
     done = threading.Event()
 
     def report() -> None:
@@ -85,9 +85,11 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if len(argv) == 4 and argv[0] == "stage":
         return run_stage(argv[1], argv[2], Path(argv[3]))
-    if len(argv) == 4 and argv[0] == "produce":
-        return run_producer(argv[1], Path(argv[2]), argv[3])
-    sys.stderr.write("usage: python -m actors.faust.worker stage STAGE NAME RUN_DIR | produce NAME RUN_DIR SOURCE_JSON\n")
+    if len(argv) in (4, 5) and argv[0] == "produce":
+        return run_producer(argv[1], Path(argv[2]), argv[3], int(argv[4]) if len(argv) == 5 else None)
+    sys.stderr.write(
+        "usage: python -m actors.faust.worker stage STAGE NAME RUN_DIR | produce NAME RUN_DIR SOURCE_JSON [SINCE_MS]\n"
+    )
     return 2
 
 

@@ -11,16 +11,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
+from actors.delivery import fence, stage_transactional_id
 from actors.launcher import Progress, RunPlan, drain, prepare_run, summarise, wait_ready, write_summary
-from actors.ray.actors import ProducerActor, StageActor, actor_options
-from cluster.raycluster import ray_session
-from pipeline.config import RayConfig, Settings
+from actors.ray.actors import ProducerActor, StageActor, actor_options, requested
+from actors.streams import StreamCommands, apply_stream_commands
+from cluster.raycluster import placement_shortfall, ray_session
+from pipeline.config import RayConfig, Role, Settings
 from pipeline.errors import PipelineError
+from pipeline.sources import SourceSpec
 from pipeline.stats import STAGES, RunSummary, WorkerStats
 
-__all__ = ["RunControl", "RayWorkers", "run_pipeline", "launch_stage", "actor_stats"]
+__all__ = ["RunControl", "RayWorkers", "run_pipeline", "launch_stage", "actor_stats", "check_placement", "named_actor_stats"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +47,25 @@ class RunControl:
         return name
 
     def remove_replica(self, name: str) -> None:
-        """Kill a replica for good (no restart); the group hands its partitions to the others."""
+        """Kill a replica for good (no restart); the group hands its partitions to the others.
+
+        Its transactional id is fenced at once: no successor takes it over, and the transaction it
+        left open would otherwise hold back every read_committed consumer of the partitions it wrote
+        to until the broker's transaction timeout (60 s; see ``actors.delivery.fence``).
+        """
         import ray
 
         handle = self.actors.pop(name)
         self.stage_refs.pop(name, None)
         self.progress.stats.pop(name, None)
         ray.kill(handle, no_restart=True)
+        if self.settings.processing_guarantee == "exactly_once":
+            stage = name.rsplit("-", 1)[0]
+            as_stage = self.settings.for_role(cast(Role, stage))  # the credentials the replica used
+            try:
+                fence(as_stage.kafka, stage_transactional_id(as_stage.group(stage), name))
+            except Exception as exc:  # the broker aborts it after its transaction timeout all the same
+                logger.warning("%s: its open transaction was not fenced (%s); the broker times it out", name, exc)
 
 
 @dataclass
@@ -60,19 +75,65 @@ class RayWorkers:
     actors: dict[str, Any]
     stage_refs: dict[str, Any]
     producer_refs: dict[str, Any] = field(default_factory=dict)
+    asked: dict[str, Any] = field(default_factory=dict)
+    """Each actor's stats request in flight: one at a time, carried over ticks until it answers."""
+    answered: set[str] = field(default_factory=set)
+    """Actors that answered once: a replica still starting (loading its model) is never waited for."""
 
     def stage_names(self) -> list[str]:
         return list(self.stage_refs)
+
+    def gather_stats(self, timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Every actor's stats; one that is restarting or slow is left out this round.
+
+        Waits up to ``timeout_s`` only for actors that answered before: a tick must not stall for
+        seconds while a new replica starts (the autoscaler, the live view and the stall watch run on it).
+        """
+        import ray
+
+        for name in (set(self.asked) | self.answered) - set(self.actors):  # removed or retired: a name reused is new
+            self.asked.pop(name, None)
+            self.answered.discard(name)
+        for name, handle in self.actors.items():
+            if name not in self.asked:
+                self.asked[name] = handle.stats.remote()
+        known = [ref for name, ref in self.asked.items() if name in self.answered]
+        if known:
+            ray.wait(known, num_returns=len(known), timeout=timeout_s)
+        if not self.asked:
+            return []
+        ready, _ = ray.wait(list(self.asked.values()), num_returns=len(self.asked), timeout=0)
+        out = []
+        for name, ref in list(self.asked.items()):
+            if ref in ready:
+                del self.asked[name]
+                try:
+                    out.append(ray.get(ref))
+                    self.answered.add(name)
+                except ray.exceptions.RayError:
+                    continue
+        return out
 
     def poll(self) -> list[dict[str, Any]]:
         import ray
 
         done, _ = ray.wait(list(self.stage_refs.values()), num_returns=len(self.stage_refs), timeout=0)
-        for name, ref in self.stage_refs.items():
+        for name, ref in list(self.stage_refs.items()):
             if ref in done:
+                try:
+                    ray.get(ref, timeout=0)
+                except ray.exceptions.ActorUnavailableError:
+                    # Its node is gone or cut off (a crashed GPU host): Ray does not retry a call that
+                    # may have run. Run it again; the restarted actor resumes from its committed offsets,
+                    # and an actor that is dead for good fails the next call with ActorDiedError.
+                    logger.warning("%s is unavailable (its node died or is unreachable); running it again", name)
+                    self.stage_refs[name] = self.actors[name].run.remote()
+                    continue
+                except Exception:
+                    pass
                 _get(ref, name)  # raises the stage's error; a clean return here is unexpected
                 raise PipelineError(f"stage actor {name} stopped before the run was complete")
-        return _gather_stats(self.actors)
+        return self.gather_stats()
 
     def finished_producers(self) -> dict[str, dict[str, Any]]:
         import ray
@@ -92,6 +153,23 @@ class RayWorkers:
         for name in self.producer_refs:
             self.actors[name].stop.remote()
 
+    def add_producer(self, settings: Settings, spec: SourceSpec, since_ms: int | None) -> None:
+        """Start publishing one more stream (``vapipe streams add``)."""
+        import ray
+
+        name = f"producer-{spec.stream_id}"
+        opts = actor_options(name, settings.producer.num_cpus, 0, 0, settings.producer.resources)
+        self.actors[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name, since_ms)
+        self.producer_refs[name] = self.actors[name].run.remote()
+
+    def remove_producer(self, stream_id: str) -> bool:
+        """End one stream (``vapipe streams remove``): its producer publishes its end and finishes."""
+        name = f"producer-{stream_id}"
+        if name not in self.producer_refs:
+            return False
+        self.actors[name].stop.remote(end=True)
+        return True
+
     def rejoin(self, names: list[str]) -> None:
         for name in names:
             if name in self.actors:
@@ -107,7 +185,22 @@ class RayWorkers:
 
         for handle in self.actors.values():
             handle.stop.remote()
-        return list(ray.get(list(self.stage_refs.values()), timeout=timeout_s))
+        deadline = time.monotonic() + timeout_s
+        pending = list(self.stage_refs.values())
+        while pending and time.monotonic() < deadline:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=max(0.0, min(10.0, deadline - time.monotonic())))
+            for name, ref in self.stage_refs.items():
+                if ref in pending:  # a replica that was restarting may have missed the first stop
+                    self.actors[name].stop.remote()
+        final = []
+        for name, ref in self.stage_refs.items():
+            try:
+                final.append(ray.get(ref, timeout=0))
+            except ray.exceptions.RayActorError as exc:
+                # The run has drained: a replica lost now (its node died, or it was restarting) costs
+                # only its final figures; the last ones it reported stand in for them.
+                logger.warning("%s did not report its final stats (%s); using the last it reported", name, type(exc).__name__)
+        return final
 
     def kill(self) -> None:
         """Whatever is left, on the way out (an error, Ctrl-C, or after ``stop``)."""
@@ -126,10 +219,33 @@ def launch_stage(settings: Settings, stage: str, name: str, cluster_gpus: float)
     cfg = getattr(settings, stage)
     handle = (
         ray.remote(StageActor)
-        .options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, cluster_gpus))
+        .options(**actor_options(name, cfg.num_cpus, cfg.num_gpus, cluster_gpus, cfg.resources))
         .remote(stage, settings, name)
     )
     return handle, handle.run.remote()
+
+
+def check_placement(settings: Settings, plan: RunPlan, capacity: dict[str, float]) -> None:
+    """Every replica's GPUs and custom resources against the cluster's (``ray.unplaceable``).
+
+    Raises:
+        PipelineError: ``fail``, and some replica can never be placed on the cluster as it is.
+    """
+    gpus = float(capacity.get("GPU", 0))
+    requests = {
+        stage: (plan.replicas[stage], requested(getattr(settings, stage).num_gpus, gpus, getattr(settings, stage).resources))
+        for stage in STAGES
+    }
+    requests["producer"] = (len(plan.sources), requested(0, 0, settings.producer.resources))
+    short = placement_shortfall(requests, capacity)
+    if not short:
+        return
+    if settings.ray.unplaceable == "fail":
+        raise PipelineError(
+            f"the Ray cluster has no room for every replica: {'; '.join(short)} (ray.unplaceable=fail; "
+            "add nodes, lower the replicas or what each requests, or set ray.unplaceable=wait)"
+        )
+    logger.warning("waiting for room in the Ray cluster: %s (ray.unplaceable=wait)", "; ".join(short))
 
 
 def run_pipeline(
@@ -144,53 +260,64 @@ def run_pipeline(
         PipelineError: bad source, model, broker, or a stage that failed.
     """
     prepare_run(settings, plan)
+    commands_from = StreamCommands.end(settings)  # streams added from now on join this run
     with ray_session(settings.ray, include_dashboard=plan.include_dashboard) as ray:
         workers = RayWorkers({}, {})
+        producers: dict[str, Any] = {}
         try:
-            gpus = float(ray.cluster_resources().get("GPU", 0))
+            capacity = ray.cluster_resources()
+            gpus = float(capacity.get("GPU", 0))
+            check_placement(settings, plan, capacity)
             for stage in STAGES:
                 for i in range(plan.replicas[stage]):
                     workers.launch(settings, stage, f"{stage}-{i}", gpus)
-            wait_ready(settings, workers, timeout_s=plan.stall_timeout_s)
-            producers: dict[str, Any] = {}
             # This run's streams have no frames older than this (a minute of slack for clocks across
             # nodes): a restarted producer scans only that much of topic A to find where to resume.
             since_ms = int((time.time() - 60) * 1000)
+            # Producer actors start with the stages (a worker process takes seconds to start) and
+            # publish once the stages are ready.
             for spec in plan.sources:
                 name = f"producer-{spec.stream_id}"
-                opts = actor_options(name, settings.producer.num_cpus, 0, 0)
+                opts = actor_options(name, settings.producer.num_cpus, 0, 0, settings.producer.resources)
                 producers[name] = ray.remote(ProducerActor).options(**opts).remote(settings, spec, name, since_ms)
+            wait_ready(settings, workers, timeout_s=plan.stall_timeout_s)
             workers.actors.update(producers)
             # Start every stream together: a producer whose worker process is slow to start must not
             # begin seconds after the others (and stretch the measured run).
             ray.get([h.stats.remote() for h in producers.values()], timeout=plan.stall_timeout_s)
             t0 = time.time()
-            workers.producer_refs = {name: h.run.remote() for name, h in producers.items()}
+            delays = {f"producer-{sid}": after for sid, after in plan.start_after_s.items()}
+            workers.producer_refs = {name: h.run.remote(delays.get(name, 0.0)) for name, h in producers.items()}
             progress = Progress()
             control = RunControl(settings, progress, workers.actors, workers.stage_refs, gpus)
-            produced = drain(settings, plan, workers, progress, on_progress, on_tick and (lambda: on_tick(control)))
+            commands = StreamCommands(settings, before=commands_from)
+            ticks = [on_tick] if on_tick is not None else []
+            autoscaler = None
+            if settings.inter.autoscale.enabled:
+                from actors.ray.scaling import InterAutoscaler
+
+                autoscaler = InterAutoscaler(settings.inter)
+                ticks.insert(0, autoscaler)
+
+            def tick() -> None:
+                apply_stream_commands(settings, plan, workers, commands, since_ms)
+                for each in ticks:
+                    each(control)
+
+            try:
+                produced = drain(settings, plan, workers, progress, on_progress, tick)
+            finally:
+                commands.close()
             wall = time.time() - t0
             progress.update(workers.stop())
             summary = summarise(settings, plan, produced, progress, wall)
+            if autoscaler is not None:
+                summary.autoscale = autoscaler.report()
             write_summary(settings, plan, summary)
             return summary
         finally:
+            workers.actors.update(producers)  # a run that failed while the stages got ready kills them too
             workers.kill()
-
-
-def _gather_stats(actors: dict[str, Any], timeout_s: float = 10.0) -> list[dict[str, Any]]:
-    """Ask every actor for its stats; one that is restarting or slow is left out this round."""
-    import ray
-
-    refs = [h.stats.remote() for h in actors.values()]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    out = []
-    for ref in ready:
-        try:
-            out.append(ray.get(ref))
-        except ray.exceptions.RayError:
-            continue
-    return out
 
 
 def _get(ref: Any, name: str) -> Any:
@@ -213,17 +340,27 @@ def actor_stats(address: str, timeout_s: float = 10.0) -> dict[str, WorkerStats 
     Raises:
         PipelineError: the cluster cannot be reached.
     """
+    with ray_session(RayConfig(address=address), include_dashboard=False):
+        return named_actor_stats(timeout_s)
+
+
+def named_actor_stats(timeout_s: float = 10.0) -> dict[str, WorkerStats | str]:
+    """``actor_stats`` from a process already connected to the cluster (``vapipe top`` asks every second)."""
     import ray
 
-    from cluster.raycluster import NAMESPACE, ray_session
+    from cluster.raycluster import NAMESPACE
 
-    with ray_session(RayConfig(address=address), include_dashboard=False):
-        names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE)
-        refs = {n: ray.get_actor(n, namespace=NAMESPACE).stats.remote() for n in names}
-        out: dict[str, WorkerStats | str] = {}
-        for name, ref in refs.items():
-            try:
-                out[name] = WorkerStats.from_dict(ray.get(ref, timeout=timeout_s))
-            except Exception as exc:  # one sick actor must not hide the others
-                out[name] = f"unavailable: {type(exc).__name__}"
-        return out
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a.get("namespace") == NAMESPACE)
+    refs = {}
+    out: dict[str, WorkerStats | str] = {}
+    for name in names:
+        try:
+            refs[name] = ray.get_actor(name, namespace=NAMESPACE).stats.remote()
+        except Exception as exc:  # gone between the listing and the lookup (a retired replica)
+            out[name] = f"unavailable: {type(exc).__name__}"
+    for name, ref in refs.items():
+        try:
+            out[name] = WorkerStats.from_dict(ray.get(ref, timeout=timeout_s))
+        except Exception as exc:  # one sick actor must not hide the others
+            out[name] = f"unavailable: {type(exc).__name__}"
+    return dict(sorted(out.items()))

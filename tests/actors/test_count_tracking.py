@@ -90,27 +90,60 @@ def test_an_idle_batch_applies_frames_that_waited_too_long() -> None:
     assert traffic[-1]["type"] == "traffic" and traffic[-1]["frames_stepped_over"] == [4]
 
 
+def publish_twenty_frames_without_the_eighth(settings: Settings) -> str:
+    """Twenty frames of one stream on C, frame 7 lost upstream (say, dead-lettered) and no end of
+    stream to complete it: only an idle flush can apply the frames after it. Returns the stream id."""
+    create_topics(settings.kafka, settings.topics.all())
+    frames = render(highway(2, vehicles_per_direction=2, duration=8.0))[:20]
+    producer = make_producer(settings.kafka)
+    for frame in frames:
+        if frame.meta.frame_index != 7:
+            rec = encode_detections(frame)
+            producer.send(settings.topics.detections.name, key=rec.key, value=rec.value, headers=list(rec.headers))
+    producer.flush()
+    producer.close()
+    return frames[0].meta.stream_id
+
+
+IDLE_FLUSH = {"tracking__enabled": True, "tracking__lines": [GATE.model_dump()], "tracking__reorder_wait_s": 0.5}
+"""Tracking on, with a reorder wait short enough for a test to see the idle flush."""
+
+
 @pytest.mark.kafka
 @pytest.mark.parametrize("guarantee", ["exactly_once", "at_least_once"])
 def test_an_idle_replica_flushes_a_stream_whose_missing_frame_never_comes(make_settings, guarantee: str) -> None:
     """Real broker: the idle flush is a batch of its own (outputs, no input offsets) under either guarantee."""
-    s = make_settings(
-        processing_guarantee=guarantee,
-        tracking__enabled=True,
-        tracking__lines=[GATE.model_dump()],
-        tracking__reorder_wait_s=0.5,
-    )
-    create_topics(s.kafka, s.topics.all())
-    frames = render(highway(2, vehicles_per_direction=2, duration=8.0))[:20]
-    sid = frames[0].meta.stream_id
-    producer = make_producer(s.kafka)
-    for frame in frames:
-        if frame.meta.frame_index != 7:  # lost upstream (say, dead-lettered): no end of stream can complete it
-            rec = encode_detections(frame)
-            producer.send(s.topics.detections.name, key=rec.key, value=rec.value, headers=list(rec.headers))
-    producer.flush()
-    producer.close()
+    s = make_settings(processing_guarantee=guarantee, **IDLE_FLUSH)
+    sid = publish_twenty_frames_without_the_eighth(s)
     stats = CountWorker(s, "count-0").run(timeout_s=30, idle_timeout_s=4)
     assert stats["table"][sid]["frames_tracked"] == 19 and stats["retries"] == 0
     snapshot = read_table(s)[sid]
     assert snapshot["frames_tracked"] == 19 and snapshot["frames_stepped_over"] == 1
+
+
+def test_at_least_once_a_snapshot_is_sent_only_after_the_count_records_it_covers_are_acknowledged() -> None:
+    """A replica that died with the snapshot on Kafka but not the count records would restore those
+    frames as applied and never send their records: at least once, nothing orders the two but this."""
+    events: list[tuple[str, str]] = []
+
+    class Acked:
+        def __init__(self, topic: str) -> None:
+            self.topic = topic
+
+        def get(self, timeout: float | None = None) -> None:
+            events.append(("acked", self.topic))
+
+    class Producer:
+        def send(self, topic: str, **_: Any) -> Acked:
+            events.append(("sent", topic))
+            return Acked(topic)
+
+    frames = render(highway(2, vehicles_per_direction=5, duration=10.0))[:8]
+    settings = SETTINGS.model_copy(update={"processing_guarantee": "at_least_once"})
+    worker = CountWorker(settings, "count-0")
+    worker.producer = Producer()
+    worker.process(_records(frames))
+    counts, changelog = settings.topics.counts.name, settings.topics.counts_changelog.name
+    before = events[: events.index(("sent", changelog))]
+    sent = before.count(("sent", counts))  # a count record per frame (and the tracker's updates)
+    assert sent >= len(frames) and before.count(("acked", counts)) == sent  # every one acknowledged first

@@ -7,14 +7,22 @@ from typing import Any
 
 import pytest
 from kafka import TopicPartition
-from kafka.errors import KafkaConnectionError, KafkaTimeoutError, MessageSizeTooLargeError, ProducerFencedError
+from kafka.errors import (
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+    TopicAuthorizationFailedError,
+)
 
 from actors.delivery import Delivery, batch_offsets
 from actors.failures import Backoff, DeadLetters, classify, default_on_error
 from actors.stages import InterWorker
 from actors.worker import StageWorker
 from pipeline.config import KafkaConfig, Settings
-from pipeline.errors import BrokerError, DecodeError, RecordTooLargeError, SinkError
+from pipeline.errors import AccessDeniedError, BrokerError, DecodeError, RecordTooLargeError, SinkError
 
 
 class RecordingProducer:
@@ -73,6 +81,19 @@ def test_batch_offsets_are_one_past_the_last_record_of_each_partition() -> None:
         (SinkError("disk full"), "transient"),
         (BrokerError("broker gone"), "transient"),
         (ProducerFencedError("a newer instance"), "fatal"),
+        # A fenced producer's later calls: a bare KafkaError naming the fence, still fatal.
+        (
+            KafkaError("Cannot execute transactional method because we are in an error state: [Error 90] ProducerFencedError"),
+            "fatal",
+        ),
+        (
+            KafkaError("Cannot execute transactional method because we are in an error state: [Error 7] RequestTimedOutError"),
+            "transient",
+        ),
+        (KafkaError("in an error state: [Error 1] NotAClass"), "transient"),
+        (TopicAuthorizationFailedError("vapipe.A.frames"), "fatal"),  # a secured broker's ACLs: retrying cannot help
+        (GroupAuthorizationFailedError("vapipe-inter"), "fatal"),
+        (AccessDeniedError("refused by the broker"), "fatal"),
         (ValueError("a bug"), "fatal"),
         (RecursionError(), "fatal"),  # decoders are total: one reaching the loop is a bug
     ],

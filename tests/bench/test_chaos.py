@@ -10,12 +10,11 @@ runs end to end in tests/integration; `vapipe chaos` uses the configured model."
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.chaos import FAULTS, chaos, failed_faults, run_fault, table_lines
+from bench.chaos import FAULTS, LAB_FAULTS, failed_faults, run_fault
 from cluster.broker import KafkaBroker
 from pipeline.config import Settings
 from tests.conftest import build_settings, private_broker
@@ -45,6 +44,8 @@ def chaos_settings(own_broker: KafkaBroker, tmp_path_factory: pytest.TempPathFac
         MODEL,
         producer__fps=15,
         producer__max_frames=FRAMES,
+        # A request lost while the broker restarts holds a transaction's commit this long (60 s by default).
+        kafka__ack_timeout_s=10,
         **TRACKING,
     )
 
@@ -64,7 +65,9 @@ def _restart(broker: KafkaBroker) -> None:
     broker.start()
 
 
-@pytest.mark.parametrize("fault", [f for f in FAULTS if f != "none"])
+@pytest.mark.parametrize(
+    "fault", [f for f in FAULTS if f != "none" and f not in LAB_FAULTS]
+)  # lab faults: tests/cluster/test_lab.py
 def test_fault_loses_nothing_and_counts_nothing_twice(
     fault: str, chaos_settings: Settings, undisturbed: tuple[dict[str, Any], set[Any]], own_broker: KafkaBroker, highway: str
 ) -> None:
@@ -77,20 +80,25 @@ def test_fault_loses_nothing_and_counts_nothing_twice(
     assert crops == reference_crops, f"crops differ: {len(crops)} vs {len(reference_crops)}"
     assert row["vehicle_totals"] == reference_row["vehicle_totals"], row
     assert row["traffic"]["frames_tracked"] == FRAMES and row["traffic"]["frames_stepped_over"] == 0, row
-    # The tracked counts are compared with the undisturbed run's in the report (traffic_match), not
-    # here: they depend on the producer's pace (the tracker's clock is the capture stamp), which a
-    # loaded test machine does not keep; a kill stalls it beyond track_buffer_s often enough.
+    assert row["traffic"] == reference_row["traffic"], row  # the same tracks, whatever died (the producer too)
     assert row["recovery_s"] is not None, row
 
 
-def test_at_least_once_loses_nothing_when_an_inter_consumer_dies(ray_local, make_settings, highway: str, tmp_path: Path) -> None:
-    """Also the whole `vapipe chaos` path: reference run, faults, table and verdict."""
-    s = make_settings(processing_guarantee="at_least_once", producer__fps=15, model__name=MODEL)
-    result = chaos(s, highway, frames=45, faults=["kill-inter", "kill-count"], replicas=2)
-    assert [r["fault"] for r in result["rows"]] == ["none", "kill-inter", "kill-count"]
-    for row in result["rows"]:
-        assert row["lost"] == 0 and row["counted_twice"] == 0 and row["crops_match"] and row["table_match"], row
-    assert failed_faults(result) == [] and len(table_lines(result)) == 4
+@pytest.mark.parametrize("fault", ["kill-inter", "kill-count"])
+def test_at_least_once_loses_nothing_when_a_replica_dies(
+    fault: str, chaos_settings: Settings, undisturbed: tuple[dict[str, Any], set[Any]], highway: str
+) -> None:
+    """Redelivered batches are absorbed: the same crops and table as the exactly-once reference (box
+    counts; tracking off, as this test always ran). The whole `vapipe chaos` path, reference run,
+    table and verdict, runs in tests/cluster/test_lab.py."""
+    reference_row, reference_crops = undisturbed
+    untracked = chaos_settings.tracking.model_copy(update={"enabled": False})
+    s = chaos_settings.model_copy(update={"processing_guarantee": "at_least_once", "tracking": untracked})
+    row, crops = run_fault(s, highway, FRAMES, fault, REPLICAS)
+    assert row["injected"] and row["frames_produced"] == FRAMES, row
+    assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == FRAMES, row
+    assert crops == reference_crops, f"crops differ: {len(crops)} vs {len(reference_crops)}"
+    assert row["vehicle_totals"] == reference_row["vehicle_totals"], row
 
 
 def test_verdict_names_every_fault_that_lost_double_counted_or_changed_the_corpus() -> None:
@@ -102,6 +110,6 @@ def test_verdict_names_every_fault_that_lost_double_counted_or_changed_the_corpu
         ok | {"fault": "c", "crops_match": False},
         ok | {"fault": "d", "traffic_match": False},
         ok | {"fault": "e", "traffic_match": True},
-        ok | {"fault": "kill-producer", "traffic_match": False},  # new tracks after the capture gap: by design
+        ok | {"fault": "kill-producer", "traffic_match": False},  # a restarted producer continues the clip's clock
     ]
-    assert failed_faults({"rows": rows}) == ["a", "b", "c", "d"]
+    assert failed_faults({"rows": rows}) == ["a", "b", "c", "d", "kill-producer"]

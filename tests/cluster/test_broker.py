@@ -42,3 +42,20 @@ def test_broker_starts_answers_reports_running_and_stops(tmp_path: Path) -> None
         assert broker.stop() is True
     assert broker.status().running is False
     assert broker.stop() is False  # nothing of ours left to stop
+
+
+def test_cluster_nodes_share_one_quorum_and_replicate_internal_topics(tmp_path: Path) -> None:
+    from cluster.broker import KafkaCluster
+
+    cfg = BrokerConfig(listen_host="198.18.1.1", port=9092, controller_port=9093, state_dir=str(tmp_path))
+    cluster = KafkaCluster(cfg, None, 3)
+    assert cluster.bootstrap == "198.18.1.1:9092,198.18.1.1:9094,198.18.1.1:9096"
+    props = [server_properties(n.cfg, n.data_dir, 1024, n.node_id, n.voters).splitlines() for n in cluster.nodes]
+    voters = "controller.quorum.voters=1@198.18.1.1:9093,2@198.18.1.1:9095,3@198.18.1.1:9097"
+    for i, lines in enumerate(props, start=1):
+        assert f"node.id={i}" in lines and voters in lines
+        assert {"offsets.topic.replication.factor=3", "transaction.state.log.min.isr=2", "min.insync.replicas=2"} <= set(lines)
+    assert len({n.cluster_id for n in cluster.nodes}) == 1 and len({n.state_dir for n in cluster.nodes}) == 3
+    assert KafkaCluster.existing(cfg).n == 1  # nothing written yet
+    single = server_properties(BrokerConfig(), tmp_path, 1024).splitlines()
+    assert "offsets.topic.replication.factor=1" in single and "min.insync.replicas=1" in single

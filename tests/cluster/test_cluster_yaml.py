@@ -97,7 +97,7 @@ def test_head_and_gpu_workers(raw):
     head_params = _parse_ray_start(head)
     assert head_params["head"] is True
     assert head_params["port"] == 6379
-    assert head_params["dashboard_host"] == "0.0.0.0"
+    assert head_params["dashboard_host"] == "127.0.0.1"  # the dashboard runs code: loopback, tunnel to it
     assert head_params["autoscaling_config"] == "~/ray_bootstrap_config.yaml"
     assert raw["head_start_ray_commands"][0].strip() == "ray stop"
 
@@ -110,3 +110,20 @@ def test_head_and_gpu_workers(raw):
         gpus = yaml.safe_load(worker_params["resources"] or "{}").get("GPU", 0)
     assert gpus >= 1, "workers must offer a GPU to the inter actors"
     assert raw["worker_start_ray_commands"][0].strip() == "ray stop"
+
+
+@pytest.mark.parametrize("key", ["head_start_ray_commands", "worker_start_ray_commands"])
+def test_every_ray_start_keeps_token_auth_on(raw, key):
+    """Without RAY_AUTH_MODE=token anyone who reaches the Ray ports runs code on every node."""
+    [line] = [c for c in raw[key] if "ray start" in c]
+    steps = [shlex.split(part) for part in re.split(r"&&", line)]
+    assert ["export", "RAY_AUTH_MODE=token"] in steps, line
+    assert steps.index(["export", "RAY_AUTH_MODE=token"]) < next(i for i, s in enumerate(steps) if s[:2] == ["ray", "start"])
+    assert not any("RAY_AUTH_MODE=disabled" in c for c in raw[key])
+
+
+def test_every_node_gets_the_token_and_nothing_else_is_exposed(raw):
+    assert raw["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    text = CLUSTER_YAML.read_text()
+    assert "--dashboard-host=0.0.0.0" not in "\n".join(raw["head_start_ray_commands"])
+    assert "dashboard" in text and "RAY_AUTH_MODE=token" in text

@@ -123,3 +123,37 @@ def test_a_settled_read_waits_for_an_open_transaction_a_committed_read_does_not(
     reader.join(timeout=30)
     producer.close()
     assert settled == [[b"snapshot"]]
+
+
+def test_group_lag_counts_records_not_transaction_markers(kafka_bootstrap: str) -> None:
+    """A run ends when the crop group's lag on B is zero: a transactional topic fully consumed sits a
+    marker short of its end on every partition (lag 0), a few records left uncommitted count each."""
+    from kafka import TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    from cluster.reading import group_lag
+
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    topic, group = f"lag-{uuid.uuid4().hex[:6]}", f"g-{uuid.uuid4().hex[:6]}"
+    create_topics(cfg, [TopicSpec(name=topic, partitions=3)])
+    producer = make_producer(cfg, transactional_id=f"tx-{topic}")
+    producer.init_transactions()
+    producer.begin_transaction()
+    for i in range(12):  # four records on each partition, one transaction
+        producer.send(topic, key=b"k", value=b"v", partition=i % 3)
+    producer.commit_transaction()
+    assert group_lag(cfg, group, [topic]) == {topic: 12}  # nothing committed yet
+
+    def commit(offsets: dict[int, int]) -> None:
+        producer.begin_transaction()
+        producer.send_offsets_to_transaction(
+            {TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in offsets.items()}, group
+        )
+        producer.commit_transaction()
+
+    commit({0: 4, 1: 4, 2: 1})  # partitions 0 and 1 consumed (a marker short of their ends), 2 has 3 left
+    assert group_lag(cfg, group, [topic]) == {topic: 3}
+    commit({2: 4})
+    assert group_lag(cfg, group, [topic]) == {topic: 0}
+    producer.close()
+    delete_topics(cfg, [topic])

@@ -50,5 +50,5 @@ def test_cli_commands_fail_on_unreachable_broker_after_the_connect_timeout(
 def test_help_lists_every_command_group() -> None:
     proc = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for command in ("run", "produce", "status", "counts", "annotate", "demo", "chaos", "kafka", "topics", "bench"):
+    for command in ("run", "produce", "status", "counts", "annotate", "demo", "chaos", "kafka", "topics", "bench", "streams"):
         assert command in proc.stdout

@@ -3,12 +3,15 @@
 Mirrors ``test_pipeline.py``: detections on C equal a one-process reference, crops
 only above 0.7, every frame counted once; a mixed Ray/Faust run builds the same
 table as an all-Ray run; a count worker killed mid-run recovers from the changelog.
+The one-worker Faust run, the mixed runs and their all-Ray reference are turns of
+one sequence on one table (``turns``), each run once for the tests that check it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,8 @@ from pipeline.config import Settings
 from pipeline.count_table import comparable
 from pipeline.sources import parse_source
 from pipeline.stats import RunSummary
-from tests.conftest import ReferenceDetector, _missing
+from tests.conftest import ReferenceDetector, _missing, build_settings
 from tests.integration.test_pipeline import (
-    REAL_TIME,
     TRACKING,
     assert_detections_and_crops_match_reference,
     detections_on_c,
@@ -66,94 +68,142 @@ def run(
     return run_engines(settings, plan, parse_engines(engine), on_progress=on_progress)
 
 
-@pytest.mark.parametrize("inter", [1, 3])
-def test_faust_end_to_end_every_frame_counted_once(
-    faust_installed, make_settings, reference_detector: ReferenceDetector, highway: str, inter: int
-) -> None:
-    frames = 90
-    # A window far longer than the clip's capture time: the time-windowed count then holds every frame.
-    s = make_settings(producer__max_frames=frames, faust__window_s=600, faust__window_step_s=60, **AT_LEAST_ONCE)
-    replicas = 2 if inter == 3 else 1
-    summary = run(s, "faust", [f"hw={highway}"], inter=inter, crop=replicas, count=replicas)
+E2E_FRAMES = 30
+"""Frames of the several-workers end-to-end run: two per A partition and more, each one detected on a CPU."""
 
+
+def assert_faust_end_to_end(
+    summary: RunSummary, s: Settings, stream: str, frames: int, inter: int, ref: ReferenceDetector
+) -> None:
+    """An all-Faust run: detections on C equal the reference, crops above 0.7, every frame counted once,
+    the Ray engine's table format, and the time-windowed moving count holding the same vehicles."""
     assert summary.engines == {"inter": "faust", "crop": "faust", "count": "faust"}
     assert summary.frames_produced == frames
-    assert summary.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
+    assert summary.per_stream[stream] == {"produced": frames, "skipped": 0, "counted": frames}
     assert summary.frames_processed["inter"] == frames
     assert summary.frames_processed["count"] == frames  # applied once each
     assert summary.restarts == {}
     assert set(summary.actors) >= {f"inter-{i}" for i in range(inter)}
     assert all(a.get("peak_rss_mb") for n, a in summary.actors.items() if not n.startswith("producer"))
 
-    got, _ = assert_detections_and_crops_match_reference(s, "hw", frames, reference_detector)
+    got, _ = assert_detections_and_crops_match_reference(s, stream, frames, ref)
     direct = direct_vehicle_count(got)
-    assert summary.vehicles["hw"] == direct
+    assert summary.vehicles[stream] == direct
     # The Faust table's changelog is the Ray engine's: the same snapshot format, readable by `vapipe counts`.
     table = read_table(s)
-    assert table["hw"]["totals"] == direct and table["hw"]["frames_applied"] == frames
+    assert table[stream]["totals"] == direct and table[stream]["frames_applied"] == frames
     # The time-windowed moving count (a Faust hopping-window table) holds the same vehicles.
     assert summary.moving_window["size_s"] == 600
-    assert summary.moving_window["current"]["hw"] == direct
+    assert summary.moving_window["current"][stream] == direct
 
 
-@pytest.mark.parametrize("engine", ["inter=ray,crop=faust,count=faust", "inter=faust,crop=ray,count=ray"])
-def test_mixed_engines_build_the_same_table_as_all_ray(
-    faust_installed, ray_local, make_settings, highway: str, engine: str
+WHOLE_CLIP_WINDOW = {"faust__window_s": 600, "faust__window_step_s": 60}
+"""A window far longer than the clip's capture time: the time-windowed count then holds every frame."""
+
+
+def test_faust_end_to_end_several_workers_every_frame_counted_once(
+    faust_installed, make_settings, reference_detector: ReferenceDetector, highway: str
 ) -> None:
-    frames = 60
-    ray_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE, **TRACKING, **REAL_TIME)
-    mixed_settings = make_settings(producer__max_frames=frames, **AT_LEAST_ONCE, **TRACKING, **REAL_TIME)
-    all_ray = run(ray_settings, "ray", [f"hw={highway}"], inter=2)
-    mixed = run(mixed_settings, engine, [f"hw={highway}"], inter=2, count=2)
-
-    assert all_ray.engines == {"inter": "ray", "crop": "ray", "count": "ray"}
-    assert mixed.per_stream["hw"] == all_ray.per_stream["hw"] == {"produced": frames, "skipped": 0, "counted": frames}
-    want, got = read_table(ray_settings)["hw"], read_table(mixed_settings)["hw"]
-    for key in ("totals", "frames_applied", "frames_expected", "window", "applied_watermark", "applied_runs"):
-        assert got[key] == want[key], key
-    assert mixed.vehicles == all_ray.vehicles == {"hw": direct_vehicle_count(detections_on_c(mixed_settings, "hw"))}
-    assert mixed.crops_per_label == all_ray.crops_per_label
-    # Tracking: the count agent (Faust's or Ray's) tracks like one TrafficCounter over C in frame order,
-    # in each run.
-    assert mixed.traffic is not None and all_ray.traffic is not None
-    assert comparable(mixed.traffic["hw"]) == one_process_traffic(mixed_settings, "hw")
-    assert comparable(all_ray.traffic["hw"]) == one_process_traffic(ray_settings, "hw")
-    # Tracked counts across two runs depend on the producer's pace (see test_pipeline); not compared here.
+    """Three InterConsumers, two crop and two count workers; one worker of each is the first turn of
+    ``turns`` (``test_faust_end_to_end_one_worker_every_frame_counted_once``)."""
+    s = make_settings(producer__max_frames=E2E_FRAMES, **WHOLE_CLIP_WINDOW, **AT_LEAST_ONCE)
+    summary = run(s, "faust", [f"hw={highway}"], inter=3, crop=2, count=2)
+    assert_faust_end_to_end(summary, s, "hw", E2E_FRAMES, 3, reference_detector)
 
 
-def test_ray_and_faust_take_turns_on_one_table(faust_installed, ray_local, make_settings, highway: str) -> None:
-    """Issue 19: Faust after a Ray exactly-once run, Ray after Faust, then a mixed run, on the same topics and groups.
+@dataclass
+class Turn:
+    engine: str
+    settings: Settings
+    stream: str
+    summary: RunSummary
+    table: dict[str, Any]
+    """The whole table right after this turn."""
+
+
+TURN_FRAMES = 40
+"""Frames each turn counts: the highway clip's first line crossing (a car, applied at frame 38) is among them."""
+MIXED = ["inter=ray,crop=faust,count=faust", "inter=faust,crop=ray,count=ray"]
+
+
+@pytest.fixture(scope="module")
+def turns(
+    faust_installed, ray_local, kafka_bootstrap: str, model_path: str, highway: str, tmp_path_factory: pytest.TempPathFactory
+) -> list[Turn]:
+    """Issue 19's runs, on one set of topics and groups: Ray exactly-once, all-Faust (one worker per
+    stage), Ray again, then each mixed run (two InterConsumers, two count workers), tracking on.
+
+    Each turn counts a stream of its own (the same frames of the clip), so the all-Ray turn's row is
+    what every other turn's row must equal. Each turn writes its crops under an output folder of its
+    own, so one turn's crops can be checked alone; the table is on Kafka, shared.
+    """
+    base = tmp_path_factory.mktemp("turns")
+    exactly_once = build_settings(
+        kafka_bootstrap, base, model_path, producer__max_frames=TURN_FRAMES, **WHOLE_CLIP_WINDOW, **TRACKING
+    )
+    at_least_once = exactly_once.model_copy(update=AT_LEAST_ONCE)
+    plan: list[tuple[str, Settings, int]] = [("ray", exactly_once, 1), ("faust", at_least_once, 1), ("ray", exactly_once, 1)]
+    plan += [(engine, at_least_once, 2) for engine in MIXED]
+    out: list[Turn] = []
+    for i, (engine, s, replicas) in enumerate(plan):
+        s = s.model_copy(update={"output_dir": str(base / f"turn{i}")})
+        stream = f"turn{i}"
+        summary = run(s, engine, [f"{stream}={highway}"], inter=replicas, count=replicas, stall_timeout_s=150)
+        out.append(Turn(engine, s, stream, summary, read_table(s)))
+    return out
+
+
+def test_ray_and_faust_take_turns_on_one_table(turns: list[Turn]) -> None:
+    """Issue 19: Faust after a Ray exactly-once run, Ray after Faust, then mixed runs, on the same topics and groups.
 
     Ray's exactly-once transactions end every changelog partition they wrote with a commit
     marker; Faust's table recovery waited for a record at that offset, forever. Each turn
     counts its own stream, and every earlier stream's row must stay as it was.
     """
-    frames = 24
-    exactly_once = make_settings(producer__max_frames=frames)  # one set of topics and groups for every turn
-    at_least_once = exactly_once.model_copy(update=AT_LEAST_ONCE)
-    turns = [
-        ("ray", exactly_once),
-        ("faust", at_least_once),
-        ("ray", exactly_once),
-        ("inter=ray,crop=faust,count=faust", at_least_once),
-    ]
     want: dict[str, dict[str, int]] = {}
-    for i, (engine, s) in enumerate(turns):
-        stream = f"turn{i}"
-        summary = run(s, engine, [f"{stream}={highway}"], stall_timeout_s=150)
-
-        assert summary.per_stream[stream] == {"produced": frames, "skipped": 0, "counted": frames}, engine
-        want[stream] = direct_vehicle_count(detections_on_c(s, stream))
-        assert summary.vehicles[stream] == want[stream], engine
-        table = read_table(s)
+    for turn in turns:
+        assert turn.summary.per_stream[turn.stream] == {"produced": TURN_FRAMES, "skipped": 0, "counted": TURN_FRAMES}, (
+            turn.engine
+        )
+        want[turn.stream] = direct_vehicle_count(detections_on_c(turn.settings, turn.stream))
+        assert turn.summary.vehicles[turn.stream] == want[turn.stream], turn.engine
         for name, totals in want.items():  # this turn's stream counted once, the earlier ones untouched
-            row = table[name]
-            assert (row["totals"], row["frames_applied"], row["applied_runs"]) == (totals, frames, []), (engine, name)
+            row = turn.table[name]
+            assert (row["totals"], row["frames_applied"], row["applied_runs"]) == (totals, TURN_FRAMES, []), (turn.engine, name)
+
+
+def test_faust_end_to_end_one_worker_every_frame_counted_once(turns: list[Turn], reference_detector: ReferenceDetector) -> None:
+    """The all-Faust turn, one worker per stage, on a table the Ray engine wrote before."""
+    turn = turns[1]
+    assert turn.engine == "faust"
+    assert_faust_end_to_end(turn.summary, turn.settings, turn.stream, TURN_FRAMES, 1, reference_detector)
+
+
+@pytest.mark.parametrize("engine", MIXED)
+def test_mixed_engines_build_the_same_table_as_all_ray(turns: list[Turn], engine: str) -> None:
+    all_ray, mixed = turns[0], next(t for t in turns if t.engine == engine)
+    assert all_ray.summary.engines == {"inter": "ray", "crop": "ray", "count": "ray"}
+    assert mixed.summary.engines == dict(part.split("=") for part in engine.split(","))
+    want, got = mixed.table[all_ray.stream], mixed.table[mixed.stream]
+    for key in ("totals", "frames_applied", "frames_expected", "window", "applied_watermark", "applied_runs"):
+        assert got[key] == want[key], key
+    direct = direct_vehicle_count(detections_on_c(mixed.settings, mixed.stream))
+    assert mixed.summary.vehicles[mixed.stream] == all_ray.summary.vehicles[all_ray.stream] == direct
+    assert mixed.summary.crops_per_label == all_ray.summary.crops_per_label
+    # Tracking: the count agent (Faust's or Ray's) tracks like one TrafficCounter over C in frame order,
+    # and the two runs count the same vehicles and crossings.
+    traffic, all_ray_traffic = mixed.summary.traffic, all_ray.summary.traffic
+    assert traffic is not None and all_ray_traffic is not None
+    assert comparable(traffic[mixed.stream]) == one_process_traffic(mixed.settings, mixed.stream)
+    assert comparable(all_ray_traffic[all_ray.stream]) == one_process_traffic(all_ray.settings, all_ray.stream)
+    assert comparable(traffic[mixed.stream]) == comparable(all_ray_traffic[all_ray.stream])
 
 
 def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_installed, make_settings, highway: str) -> None:
-    frames = 90
-    s = make_settings(producer__max_frames=frames, producer__fps=15, **AT_LEAST_ONCE, **TRACKING)
+    frames = 60
+    # Paced, so the kill lands mid-stream even where detection outruns the producer. The dead member
+    # leaves the group after Kafka's shortest session (6 s) instead of 10 s; a live one heartbeats every second.
+    s = make_settings(producer__max_frames=frames, producer__fps=10, kafka__session_timeout_ms=6000, **AT_LEAST_ONCE, **TRACKING)
     killed: list[str] = []
 
     def kill_the_owner(progress: Any) -> None:
@@ -161,7 +211,7 @@ def test_faust_count_worker_killed_mid_run_recovers_from_the_changelog(faust_ins
             return
         for st in progress.stage("count"):
             # The worker that owns the stream's partition, once it has applied (and committed) part of it.
-            if 20 <= st.frames_out < frames - 30 and st.pid:
+            if 12 <= st.frames_out < frames - 20 and st.pid:
                 os.kill(st.pid, signal.SIGKILL)
                 killed.append(st.name)
                 return

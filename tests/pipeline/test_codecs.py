@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 from typing import Any
@@ -125,6 +126,21 @@ def test_end_of_stream_round_trip(eos: EndOfStream) -> None:
     _assert_no_pickle(record)
     assert decode_frame(record.value, record.headers) == eos
     assert decode_detected_frame(record.value, record.headers) == eos  # B carries the same marker
+
+
+def test_publish_time_travels_with_the_frame_and_is_optional() -> None:
+    published = dataclasses.replace(RESULT.meta, publish_ts=1700000003.5)
+    meta, _ = decode_frame(JPEG, encode_frame(published, JPEG).headers)  # type: ignore[misc]
+    assert meta.publish_ts == 1700000003.5 and meta.published_at == 1700000003.5
+    assert meta.capture_ts == RESULT.meta.capture_ts  # the capture clock is kept apart from the publish one
+    c = decode_detections(encode_detections(dataclasses.replace(RESULT, meta=published)).value)
+    assert isinstance(c, FrameDetections) and c.meta == published
+    old, _ = decode_frame(JPEG, frame_headers())  # type: ignore[misc]  # a record from before publish_ts
+    assert old.publish_ts is None and old.published_at == old.capture_ts
+    with pytest.raises(DecodeError, match="invalid publish_ts nan"):
+        decode_frame(JPEG, [*frame_headers(), ("publish_ts", b"nan")])
+    with pytest.raises(DecodeError, match="invalid metadata"):
+        decode_frame(JPEG, [*frame_headers(), ("publish_ts", b"soon")])
 
 
 def test_headers_as_kafka_python_gives_them() -> None:
@@ -533,3 +549,26 @@ def test_decode_detected_frame_is_total(headers: Any, match: str) -> None:
 )
 def test_frame_position_never_raises(headers: Any, expected: tuple[str, int] | None) -> None:
     assert codecs.frame_position(headers) == expected
+
+
+def test_encode_outputs_builds_b_and_c_from_one_json_and_the_incoming_headers() -> None:
+    meta = mock_meta()
+    jpeg = encode_jpeg(gradient_image(meta.height, meta.width))
+    result = FrameDetections(meta, mock_detections([(1, 2, 10, 12), (3, 4, 20, 30)], labels=("car", "bus")), "m", 1.5)
+    incoming = [*codecs.encode_frame(meta, jpeg).headers, ("publish_ts", b"12.5")]  # another stamp is carried on
+    b, c = codecs.encode_outputs(result, jpeg, incoming)
+    assert b.headers[: len(incoming)] == incoming and b.value == jpeg
+    back, back_jpeg = codecs.decode_detected_frame(b.value, b.headers)  # type: ignore[misc]
+    assert back.detections == result.detections and back_jpeg == jpeg
+    assert codecs.decode_detections(c.value) == codecs.decode_detections(codecs.encode_detections(result).value)
+    assert c.key == meta.stream_id.encode()
+    published = dataclasses.replace(result, meta=dataclasses.replace(meta, publish_ts=12.5))
+    _, c = codecs.encode_outputs(published, jpeg)
+    assert codecs.decode_detections(c.value) == published  # the publish time reaches C: latency is measured from it
+
+
+def test_check_jpeg_refuses_without_decoding() -> None:
+    jpeg = encode_jpeg(np.zeros((16, 24, 3), np.uint8))
+    assert codecs.check_jpeg(jpeg, expect=(24, 16)) == (24, 16)
+    with pytest.raises(DecodeError, match="headers say 10x10 but the JPEG is 24x16"):
+        codecs.check_jpeg(jpeg, expect=(10, 10))

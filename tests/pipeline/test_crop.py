@@ -312,3 +312,19 @@ def test_temp_names_are_unique_per_writer(tmp_path: Path, monkeypatch: pytest.Mo
         CropSink(tmp_path / "crops", writer=writer).write(mock_meta("a", 1), _crops(["car"]))
     assert len(set(temps)) == 2 and all("crop-0" in t or "crop-1" in t for t in temps)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+
+
+def test_index_rotates_into_numbered_segments_that_load_index_reads_in_order(tmp_path: Path) -> None:
+    root = tmp_path / "crops"
+    detections = mock_detections([[0, 0, 10, 10]], confidence=[0.9])
+    sink = CropSink(root, writer="crop-0", index_segment_bytes=1)  # every write closes the previous segment
+    for frame in range(3):
+        sink.write(mock_meta("a", frame), crop_detections(IMAGE, detections, 0.7))
+    sink.write(mock_meta("a", 0), crop_detections(IMAGE, detections, 0.7))  # a redelivery: the newest line wins
+    names = sorted(p.name for p in (root / "index").iterdir())
+    assert names == ["crop-0.000001.jsonl", "crop-0.000002.jsonl", "crop-0.000003.jsonl", "crop-0.jsonl"]
+    index = load_index(root)
+    assert sorted(index) == [crop_key(mock_meta("a", f), 0) for f in range(3)]
+    # Closed segments can be archived or deleted; what remains still loads.
+    (root / "index" / "crop-0.000001.jsonl").unlink()
+    assert len(load_index(root)) == 3

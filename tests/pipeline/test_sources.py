@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SourceError
-from pipeline.sources import SourceSpec, VideoSource, pan_frames, parse_source
+from pipeline.sources import NOMINAL_FPS, CaptureClock, Frame, SourceSpec, VideoSource, pan_frames, parse_source
 from tests.pipeline.helpers import DoesNotRaise, gradient_image
 
 
@@ -24,7 +25,7 @@ from tests.pipeline.helpers import DoesNotRaise, gradient_image
         (
             "https://example.org/live.m3u8?token=a=b",
             "https://example.org/live.m3u8?token=a=b",
-            "example.org-live.m3u8-token-a-b",
+            "example.org-live.m3u8",
             "url",
             90,
             False,
@@ -136,6 +137,39 @@ def test_highway_video(highway: str, max_frames: int) -> None:
     assert source.native_fps == pytest.approx(25.0)
     if max_frames > 1:
         assert not np.array_equal(frames[0].image, frames[-1].image)  # real footage: frames differ
+
+
+def test_a_recording_is_timed_by_its_own_frame_rate(highway: str, tmp_path: Path) -> None:
+    with VideoSource(parse_source(highway), max_frames=3) as video:
+        assert [f.media_s for f in video] == pytest.approx([0.0, 0.04, 0.08])  # 25 fps, however fast it is read
+    folder = tmp_path / "stills"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        assert cv2.imwrite(str(folder / name), np.zeros((8, 8, 3), np.uint8))
+    with VideoSource(parse_source(str(folder))) as stills:
+        assert [f.media_s for f in stills] == [0.0, 1 / NOMINAL_FPS]
+    assert VideoSource(parse_source("rtsp://camera/live")).media_fps is None  # live: timed when grabbed
+
+
+def test_capture_clock_gives_a_recording_its_media_time_and_a_camera_its_grab_time() -> None:
+    image = np.zeros((2, 2, 3), np.uint8)
+    clock = CaptureClock()
+    # A producer starved for 5 s between frames 1 and 2 does not stretch the clip's time.
+    t = 1_800_000_000.0
+    recorded = [Frame(10, image, t + 0.9, 0.4), Frame(11, image, t + 1.0, 0.44), Frame(12, image, t + 6.0, 0.48)]
+    stamps = [clock.capture_ts(f) for f in recorded]
+    assert clock.epoch == t and stamps == pytest.approx([t + 0.4, t + 0.44, t + 0.48])
+    # Another run of the same clip, days later: the same steps, bit for bit (epochs of today's
+    # Unix times share one binary exponent, so a whole-second epoch leaves the rounding to the media time).
+    later = CaptureClock()
+    again = [later.capture_ts(Frame(f.index, image, f.grabbed_ts + 3 * 86400.678, f.media_s)) for f in recorded]
+    assert [b - a for a, b in pairwise(again)] == [b - a for a, b in pairwise(stamps)]
+    # A restarted producer goes on from the last frame in the topic, whenever it restarts.
+    resumed = CaptureClock()
+    resumed.continue_from(recorded[1], stamps[1])
+    assert resumed.epoch == t and resumed.capture_ts(Frame(12, image, t + 999.0, 0.48)) == stamps[2]
+    live = Frame(3, image, 2000.5)
+    assert CaptureClock().capture_ts(live) == 2000.5
 
 
 def test_video_context_manager(highway: str) -> None:

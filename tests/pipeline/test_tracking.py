@@ -138,11 +138,13 @@ def test_dropped_frames_predict_over_the_real_interval() -> None:
     assert {int(i) for o in out for i in o.track_id} == {1}
 
 
-def test_frames_out_of_capture_order_are_refused() -> None:
+def test_a_frame_stamped_before_the_last_is_taken_as_no_time_passing() -> None:
+    """A camera clock stepping back must not stop counting, nor expire or predict the tracks backwards."""
     tracker = ByteTracker(CONFIG)
-    tracker.update(Detections.empty(), 10.0, 640, 480)
-    with pytest.raises(ValueError, match="capture order"):
-        tracker.update(Detections.empty(), 9.0, 640, 480)
+    frames = moving_box(0, 12, 6)
+    run(tracker, frames[:5])
+    back = tracker.update(frames[5][0], frames[4][1] - 30.0, 640, 480)
+    assert tracker.last_ts == frames[4][1] and [int(i) for i in back.track_id] == [1]
 
 
 def test_output_boxes_are_clipped_to_the_frame() -> None:

@@ -134,7 +134,7 @@ def test_faust_workers_report_each_finished_producer_once(tmp_path) -> None:
     from actors.faust.engine import FaustProcess, FaustWorkers
 
     producers = {n: FaustProcess(n, "producer", [], tmp_path, max_restarts=0) for n in ("producer-a", "producer-b")}
-    group = FaustWorkers({}, producers, ray=None)
+    group = FaustWorkers({}, producers, ray=None, run_dir=tmp_path)
     (tmp_path / "producer-a.result.json").write_text(json.dumps({"stream_id": "a", "frames_published": 3}))
     (tmp_path / "producer-b.result.json").write_text(json.dumps({"error": "SourceError: cannot open b.mp4"}))
     with pytest.raises(Exception, match="cannot open b.mp4"):
