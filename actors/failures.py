@@ -30,18 +30,23 @@ import kafka.errors
 from kafka import KafkaProducer
 from kafka.errors import (
     AuthorizationError,
+    CommitFailedError,
+    FencedInstanceIdError,
     GroupAuthorizationFailedError,
+    IllegalGenerationError,
     KafkaError,
     MessageSizeTooLargeError,
     ProducerFencedError,
+    RebalanceInProgressError,
     RecordListTooLargeError,
     TopicAuthorizationFailedError,
     TransactionalIdAuthorizationFailedError,
+    UnknownMemberIdError,
 )
 
 from pipeline.errors import AccessDeniedError, BrokerError, DecodeError, RecordTooLargeError, SinkError
 
-__all__ = ["FailureKind", "classify", "refusal", "ErrorPolicy", "default_on_error", "DeadLetters", "Backoff"]
+__all__ = ["FailureKind", "classify", "stale_membership", "refusal", "ErrorPolicy", "default_on_error", "DeadLetters", "Backoff"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,15 @@ PERMANENT: tuple[type[BaseException], ...] = (
 FATAL: tuple[type[BaseException], ...] = (ProducerFencedError, AuthorizationError, AccessDeniedError)
 """Errors after which this replica must stop: another instance owns its transactional id, or the
 broker's ACLs refuse this stage's user something (retrying cannot change that)."""
+
+STALE_MEMBERSHIP: tuple[type[BaseException], ...] = (
+    CommitFailedError,
+    UnknownMemberIdError,
+    IllegalGenerationError,
+    RebalanceInProgressError,
+    FencedInstanceIdError,
+)
+"""Transient failures that only a fresh join of the consumer group ends."""
 
 TRANSIENT: tuple[type[BaseException], ...] = (KafkaError, SinkError, BrokerError, TimeoutError, ConnectionError)
 """Failures of the batch's surroundings (broker, sink): abort, rewind, back off, retry."""
@@ -82,6 +96,20 @@ def classify(exc: BaseException) -> FailureKind:
 
 
 _ERROR_STATE = re.compile(r"in an error state: \[Error -?\d+\] (\w+)")
+
+
+def stale_membership(exc: BaseException) -> bool:
+    """The group no longer knows this consumer as it was: its generation or member id is stale.
+
+    A transactional offset commit under stale group metadata fails (kafka-python raises
+    ``CommitFailedError`` for it), and fails again on every retry until the consumer rejoins:
+    its own heartbeat may not have learnt yet that it was dropped.
+
+    Example:
+        >>> stale_membership(CommitFailedError("consumer group metadata mismatch")), stale_membership(TimeoutError())
+        (True, False)
+    """
+    return isinstance(named_failure(exc), STALE_MEMBERSHIP)
 
 
 def named_failure(exc: BaseException) -> BaseException:

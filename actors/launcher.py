@@ -53,6 +53,8 @@ FINISHING_POLL_S = 0.2
 """How often once every producer has finished: only the run's end is awaited, and it is seen sooner."""
 LIVE_OPEN_TIMEOUT_S = 30.0
 """How long a camera may take to send its first frame when a run checks its sources."""
+STALL_KICK_MIN_S = 20.0
+"""A stage whose group has records waiting is asked to rejoin after taking none for this long (or two sessions)."""
 REJOIN_AFTER_S = 5.0
 """A replica still owning no partition this long after start-up is asked to rejoin its group."""
 
@@ -138,6 +140,23 @@ class Progress:
         for stage in STAGES:
             parts.append(f"{stage} {self.total(stage, 'frames_out')} ({self.fps(stage):.1f} f/s, lag {self.lag(stage)})")
         return " | ".join(parts)
+
+    def owners(self) -> str:
+        """Who owns what, per replica: what a stalled run's error shows (a member left without
+        partitions, a replica whose loop stopped answering, its last error)."""
+        parts = []
+        for s in sorted(self.stats.values(), key=lambda s: s.name):
+            if s.stage in STAGES:
+                stale = "" if s.name in self.fresh else " silent"
+                error = f" ({s.last_error})" if s.last_error else ""
+                table = "".join(
+                    f" {sid} {t.get('frames_applied')}+{sum(dict(t.get('frames_skipped') or {}).values())}"
+                    f"/{t.get('frames_expected')}"
+                    for sid, t in s.table.items()
+                    if not t.get("complete")
+                )
+                parts.append(f"{s.name} {s.assigned}p lag {s.lag}{table}{stale}{error}")
+        return ", ".join(parts)
 
     def streams_complete(self, stream_ids: list[str], published: dict[str, int] | None = None) -> bool:
         """Every stream counted to its end; with ``published`` (stream -> frames numbered, this run's
@@ -258,6 +277,7 @@ def _drain(
     produced: dict[str, dict[str, Any]] = {}
     last_change, last_line = time.monotonic(), ""
     interrupted = False
+    watch = StallWatch(after_s=max(STALL_KICK_MIN_S, 2 * settings.kafka.session_timeout_ms / 1000))
     while True:
         try:
             finishing = not workers.producers_left() and not (plan.follow and not interrupted)
@@ -277,12 +297,13 @@ def _drain(
             on_progress(progress)
         if on_tick is not None:
             on_tick()
+        watch.check(settings, workers, progress)
         line = progress.line()
         following = plan.follow and not interrupted  # streams may still be added: run until Ctrl-C
         if line != last_line:
             last_change, last_line = time.monotonic(), line
         elif time.monotonic() - last_change > plan.stall_timeout_s and not following:
-            raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}")
+            raise PipelineError(f"no progress for {plan.stall_timeout_s:.0f}s: {line}; replicas: {progress.owners()}")
         if following:
             continue
         stream_ids = [s.stream_id for s in plan.sources]  # streams added while running included
@@ -298,12 +319,64 @@ def _drain(
             return produced
 
 
+def stage_inputs(settings: Settings) -> dict[str, str]:
+    """Each stage's input topic: what its consumer group owes."""
+    t = settings.topics
+    return {"inter": t.frames.name, "crop": t.detected_frames.name, "count": t.detections.name}
+
+
+@dataclass
+class StallWatch:
+    """Asks a stage's replicas to rejoin their group when records wait for it and none is taken.
+
+    Seen after a replica was removed mid-run: a stage whose records all sat in partitions no live
+    replica polled, every replica idle with lag 0, until the run stalled out. Whatever leaves a
+    partition unowned (a member left out of a rebalance, one whose generation went stale), a fresh
+    join gives every partition an owner; under exactly-once a rebalance loses and repeats nothing.
+    """
+
+    after_s: float
+    """How long a stage may take no record while its group has some waiting (past a session timeout)."""
+    seen: dict[str, tuple[int, float]] = field(default_factory=dict)
+    """Stage -> (records it had taken, when that last changed)."""
+    kicks: int = 0
+
+    def check(self, settings: Settings, workers: Workers, progress: Progress) -> list[str]:
+        """Kick the stalled stages (at most once per ``after_s`` each); returns their names."""
+        now, kicked = time.monotonic(), []
+        for stage, topic in stage_inputs(settings).items():
+            taken = progress.total(stage, "records_in")
+            before, since = self.seen.get(stage, (-1, now))
+            if taken != before or now - since < self.after_s:
+                if taken != before:
+                    self.seen[stage] = (taken, now)
+                continue
+            try:
+                waiting = sum(group_lag(settings.kafka, settings.group(stage), [topic]).values())
+            except Exception as exc:  # broker unreachable: nothing to learn now, the next check asks again
+                logger.debug("stall check of %s failed: %s", stage, exc)
+                waiting = 0
+            self.seen[stage] = (taken, time.monotonic())
+            replicas = [n for n in workers.stage_names() if n.rsplit("-", 1)[0] == stage]
+            failing = [st.last_error for st in progress.stage(stage) if st.name in progress.fresh and st.last_error]
+            if waiting and replicas and not failing:  # a replica retrying a known failure says why itself
+                logger.warning(
+                    "%s: %d records wait in its group but no replica took one for %.0fs (%s); asking %s to rejoin",
+                    stage, waiting, now - since, progress.owners(), ", ".join(replicas),
+                )  # fmt: skip
+                workers.rejoin(replicas)
+                self.kicks += 1
+                kicked.append(stage)
+        return kicked
+
+
 def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
     """Block until every stage worker has loaded its model and its group owns every input partition.
 
     Timings then start at the first frame, and no frame waits for a late rebalance.
     """
-    inputs = {"inter": settings.topics.frames, "crop": settings.topics.detected_frames, "count": settings.topics.detections}
+    inputs = stage_inputs(settings)
+    partitions = {t.name: t.partitions for t in settings.topics.all()}
     names = workers.stage_names()
     deadline = time.monotonic() + timeout_s
     started = time.monotonic()
@@ -317,12 +390,12 @@ def wait_ready(settings: Settings, workers: Workers, timeout_s: float) -> None:
         if stuck:  # a worker that knows it cannot become ready (Faust: a table recovery that stalled)
             raise PipelineError(f"stage workers cannot become ready: {'; '.join(stuck)}")
         unowned = []
-        for stage, spec in inputs.items():
+        for stage, topic in inputs.items():
             members = [s for s in stats.values() if s.stage == stage]
             owned = [s.assigned for s in members]
             # Every partition owned, and no replica left without one when there are enough to go round.
-            idle = [s.name for s in members if not s.assigned] if len(members) <= spec.partitions else []
-            if sum(owned) != spec.partitions or idle:
+            idle = [s.name for s in members if not s.assigned] if len(members) <= partitions[topic] else []
+            if sum(owned) != partitions[topic] or idle:
                 unowned.append(stage)
                 if idle and time.monotonic() - started > REJOIN_AFTER_S:
                     # Seen here: a member left out of a finished rebalance stays idle for the whole run.

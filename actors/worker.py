@@ -28,7 +28,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import TopicAuthorizationFailedError
 
 from actors.delivery import Delivery, batch_offsets, make_delivery, stage_transactional_id
-from actors.failures import Backoff, DeadLetters, ErrorPolicy, classify, default_on_error, refusal
+from actors.failures import Backoff, DeadLetters, ErrorPolicy, classify, default_on_error, refusal, stale_membership
 from actors.meter import StageMeter
 from cluster.clients import make_consumer
 from pipeline.codecs import DecodeLimits
@@ -282,6 +282,9 @@ class StageWorker:
             self._needs_rewind_hook = True  # in-memory effects of the failed batch are undone first
             if kind == "permanent":
                 return self._isolate(records, exc)
+            if stale_membership(exc):
+                logger.warning("%s: the group no longer knows this member as it was (%s); rejoining", self.name, exc)
+                self._rejoin.set()
             self._retry_later(records, exc)
             return False
         ended = self.backoff.succeeded()

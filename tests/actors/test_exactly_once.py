@@ -193,3 +193,36 @@ def test_a_producer_whose_commit_is_not_acknowledged_settles_it_and_publishes_ev
                 timer.join()
         assert producer.recovered >= 1 and result["frames_published"] == 30
         assert _frames_in_a(s, "cam") == (list(range(30)), 1)
+
+
+class DroppedFromItsGroup(InterWorker):
+    """A member its group dropped without its heartbeat noticing: every transactional offset commit
+    carries a generation the group no longer has, until the worker joins the group again."""
+
+    def start(self) -> None:
+        self.subscriptions = 0
+        super().start()
+        assert self.consumer is not None
+        current = self.consumer.group_metadata
+
+        def stale() -> Any:
+            meta = current()
+            return meta if self.subscriptions > 1 else meta._replace(generation_id=meta.generation_id + 1000)
+
+        self.consumer.group_metadata = stale  # type: ignore[method-assign]
+
+    def subscribe(self) -> None:
+        self.subscriptions += 1
+        super().subscribe()
+
+
+def test_a_member_its_group_dropped_rejoins_and_commits_each_batch_once(make_settings, highway: str) -> None:
+    s = make_settings(producer__max_frames=4, model__name="sleep:1ms")
+    create_topics(s.kafka, s.topics.all())
+    FrameProducer(s, parse_source(highway, stream_id="hw")).run()
+    worker = DroppedFromItsGroup(s, "inter-0")
+    worker.max_backoff_s = 0.2
+    stats = worker.run(max_messages=5, timeout_s=60)
+    # The stale commit is refused (CommitFailedError) and aborted; the retry after the rejoin commits.
+    assert worker.subscriptions == 2 and stats["retries"] >= 1 and stats["frames_out"] == 4, stats
+    assert len(read_all(s.kafka, s.topics.detections.name)) == 5  # 4 frames and the end of stream, once each

@@ -85,3 +85,44 @@ def test_ctrl_c_waits_for_every_published_frame(settings: Any) -> None:
     workers = CtrlCWorkers("clip", applied=[3])
     with pytest.raises(PipelineError, match="no progress for 2s"):
         drain(settings, _plan("clip", stall_s=2), workers, Progress(), None)
+
+
+class RejoinRecorder:
+    """Stage replicas as the run loop sees them: only their names, and the rejoins asked of them."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.rejoined = names, []
+
+    def stage_names(self) -> list[str]:
+        return self.names
+
+    def rejoin(self, names: list[str]) -> None:
+        self.rejoined.append(names)
+
+
+def test_a_stage_taking_nothing_while_its_group_has_records_waiting_is_asked_to_rejoin(settings: Any) -> None:
+    from actors.launcher import StallWatch
+    from cluster.clients import make_producer
+    from cluster.topics import create_topics
+
+    create_topics(settings.kafka, settings.topics.all())
+    producer = make_producer(settings.kafka)
+    for i in range(3):  # records on B that no crop replica takes; A stays empty
+        producer.send(settings.topics.detected_frames.name, key=b"hw/%d" % i, value=b"x", partition=i)
+    producer.flush()
+    producer.close()
+    progress, workers = Progress(), RejoinRecorder(["inter-0", "crop-0", "crop-1", "count-0"])
+    idle = [{"name": n, "stage": n.split("-")[0], "records_in": 0} for n in workers.names]
+    progress.update(idle)
+    watch = StallWatch(after_s=0.3)
+    assert watch.check(settings, workers, progress) == []  # just seen: not stalled yet
+    time.sleep(0.4)
+    assert watch.check(settings, workers, progress) == ["crop"]  # inter and count have nothing waiting
+    assert workers.rejoined == [["crop-0", "crop-1"]]
+    assert watch.check(settings, workers, progress) == []  # once per after_s
+    time.sleep(0.4)
+    progress.update([{**idle[1], "last_error": "SinkError: disk full"}, idle[2]])
+    assert watch.check(settings, workers, progress) == []  # a replica retrying a known failure says why itself
+    progress.update([{**idle[1], "records_in": 1}, idle[2]])
+    time.sleep(0.4)
+    assert watch.check(settings, workers, progress) == []  # it took a record: the clock starts again
