@@ -68,10 +68,6 @@ def run(
     return run_engines(settings, plan, parse_engines(engine), on_progress=on_progress)
 
 
-E2E_FRAMES = 30
-"""Frames of the several-workers end-to-end run: two per A partition and more, each one detected on a CPU."""
-
-
 def assert_faust_end_to_end(
     summary: RunSummary, s: Settings, stream: str, frames: int, inter: int, ref: ReferenceDetector
 ) -> None:
@@ -101,16 +97,6 @@ WHOLE_CLIP_WINDOW = {"faust__window_s": 600, "faust__window_step_s": 60}
 """A window far longer than the clip's capture time: the time-windowed count then holds every frame."""
 
 
-def test_faust_end_to_end_several_workers_every_frame_counted_once(
-    faust_installed, make_settings, reference_detector: ReferenceDetector, highway: str
-) -> None:
-    """Three InterConsumers, two crop and two count workers; one worker of each is the first turn of
-    ``turns`` (``test_faust_end_to_end_one_worker_every_frame_counted_once``)."""
-    s = make_settings(producer__max_frames=E2E_FRAMES, **WHOLE_CLIP_WINDOW, **AT_LEAST_ONCE)
-    summary = run(s, "faust", [f"hw={highway}"], inter=3, crop=2, count=2)
-    assert_faust_end_to_end(summary, s, "hw", E2E_FRAMES, 3, reference_detector)
-
-
 @dataclass
 class Turn:
     engine: str
@@ -124,14 +110,16 @@ class Turn:
 TURN_FRAMES = 40
 """Frames each turn counts: the highway clip's first line crossing (a car, applied at frame 38) is among them."""
 MIXED = ["inter=ray,crop=faust,count=faust", "inter=faust,crop=ray,count=ray"]
+FAUST_WORKERS = (3, 2, 2)
+"""The all-Faust turn's InterConsumers, crop and count workers: several of each share the work."""
 
 
 @pytest.fixture(scope="module")
 def turns(
     faust_installed, ray_local, kafka_bootstrap: str, model_path: str, highway: str, tmp_path_factory: pytest.TempPathFactory
 ) -> list[Turn]:
-    """Issue 19's runs, on one set of topics and groups: Ray exactly-once, all-Faust (one worker per
-    stage), Ray again, then each mixed run (two InterConsumers, two count workers), tracking on.
+    """Issue 19's runs, on one set of topics and groups: Ray exactly-once, all-Faust (several workers
+    per stage), Ray again, then each mixed run (two InterConsumers, two count workers), tracking on.
 
     Each turn counts a stream of its own (the same frames of the clip), so the all-Ray turn's row is
     what every other turn's row must equal. Each turn writes its crops under an output folder of its
@@ -142,13 +130,15 @@ def turns(
         kafka_bootstrap, base, model_path, producer__max_frames=TURN_FRAMES, **WHOLE_CLIP_WINDOW, **TRACKING
     )
     at_least_once = exactly_once.model_copy(update=AT_LEAST_ONCE)
-    plan: list[tuple[str, Settings, int]] = [("ray", exactly_once, 1), ("faust", at_least_once, 1), ("ray", exactly_once, 1)]
-    plan += [(engine, at_least_once, 2) for engine in MIXED]
+    # (engine, settings, replicas of inter, crop and count)
+    plan: list[tuple[str, Settings, tuple[int, int, int]]] = [("ray", exactly_once, (1, 1, 1))]
+    plan += [("faust", at_least_once, FAUST_WORKERS), ("ray", exactly_once, (1, 1, 1))]
+    plan += [(engine, at_least_once, (2, 1, 2)) for engine in MIXED]
     out: list[Turn] = []
-    for i, (engine, s, replicas) in enumerate(plan):
+    for i, (engine, s, (inter, crop, count)) in enumerate(plan):
         s = s.model_copy(update={"output_dir": str(base / f"turn{i}")})
         stream = f"turn{i}"
-        summary = run(s, engine, [f"{stream}={highway}"], inter=replicas, count=replicas, stall_timeout_s=150)
+        summary = run(s, engine, [f"{stream}={highway}"], inter=inter, crop=crop, count=count, stall_timeout_s=150)
         out.append(Turn(engine, s, stream, summary, read_table(s)))
     return out
 
@@ -172,11 +162,14 @@ def test_ray_and_faust_take_turns_on_one_table(turns: list[Turn]) -> None:
             assert (row["totals"], row["frames_applied"], row["applied_runs"]) == (totals, TURN_FRAMES, []), (turn.engine, name)
 
 
-def test_faust_end_to_end_one_worker_every_frame_counted_once(turns: list[Turn], reference_detector: ReferenceDetector) -> None:
-    """The all-Faust turn, one worker per stage, on a table the Ray engine wrote before."""
+def test_faust_end_to_end_several_workers_every_frame_counted_once(
+    turns: list[Turn], reference_detector: ReferenceDetector
+) -> None:
+    """The all-Faust turn: three InterConsumers, two crop and two count workers, on a table the Ray
+    engine wrote before."""
     turn = turns[1]
     assert turn.engine == "faust"
-    assert_faust_end_to_end(turn.summary, turn.settings, turn.stream, TURN_FRAMES, 1, reference_detector)
+    assert_faust_end_to_end(turn.summary, turn.settings, turn.stream, TURN_FRAMES, FAUST_WORKERS[0], reference_detector)
 
 
 @pytest.mark.parametrize("engine", MIXED)
