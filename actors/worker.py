@@ -31,6 +31,7 @@ from actors.delivery import Delivery, batch_offsets, make_delivery, stage_transa
 from actors.failures import Backoff, DeadLetters, ErrorPolicy, classify, default_on_error, refusal, stale_membership
 from actors.meter import StageMeter
 from cluster.clients import make_consumer
+from cluster.reading import describe_group
 from pipeline.codecs import DecodeLimits
 from pipeline.config import ROLES, Role, Settings
 from pipeline.errors import DecodeError
@@ -77,6 +78,10 @@ class StageWorker:
         self.ready = False
         """True once the clients exist, the model is loaded and the first poll joined the group."""
         self.last_error: str | None = None
+        self._idle_since: float | None = None
+        """Since when this member has owned no partition (None: it owns some)."""
+        self.rejoins = 0
+        """Times this member rejoined its group because it was left without partitions others lacked."""
 
     # -- to override ---------------------------------------------------------
     @property
@@ -219,6 +224,7 @@ class StageWorker:
                 self.meter.polled([r.timestamp for r in records if r.timestamp is not None and r.timestamp >= 0])
                 if not records:
                     self._measure_lag()
+                    self._check_membership()
                     self.on_idle()
                     continue
                 self.handle(records)
@@ -234,6 +240,46 @@ class StageWorker:
             self.running = False
             self.close()
         return self.stats()
+
+    def _check_membership(self) -> None:
+        """Rejoin when this member owns nothing while its topic has partitions nobody owns.
+
+        Seen with kafka-python under load: a member whose assignment came back empty (the first
+        join ran before the topic's metadata arrived) stays empty, and the records wait forever;
+        a member the group dropped without noticing waits the same way. Only while idle and
+        without partitions, at most every half session, does it ask the coordinator (a
+        DescribeGroups): an idle member of a group with more members than partitions stays put.
+        """
+        assert self.consumer is not None
+        if self.consumer.assignment():
+            self._idle_since = None
+            return
+        now = time.monotonic()
+        if self._idle_since is None:
+            self._idle_since = now
+            return
+        if now - self._idle_since < self.settings.kafka.session_timeout_ms / 2000:
+            return
+        self._idle_since = now
+        try:
+            view = describe_group(self.settings.kafka, self.settings.group(self.stage), self.input_topic)
+        except Exception as exc:  # the coordinator is away: the next idle poll asks again
+            logger.debug("%s: group not described: %s", self.name, exc)
+            return
+        if view.state not in ("Stable", "Empty"):
+            return  # a rebalance under way hands partitions out anyway
+        given = view.owners.get(self.name)
+        if view.unowned or given or given is None:
+            why = (
+                f"partitions {sorted(view.unowned)} have no owner"
+                if view.unowned
+                else "the group counts it out"
+                if given is None
+                else f"the group gave it {sorted(given)}"
+            )
+            logger.warning("%s: owns no partition of %s while %s; rejoining", self.name, self.input_topic, why)
+            self.rejoins += 1
+            self._rejoin.set()
 
     def _poll_batch(self, limit: int, timeout_ms: int, wait_ms: int) -> list[Any]:
         """Up to ``limit`` records from every assigned partition (so a batch spans streams); once the

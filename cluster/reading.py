@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -16,7 +17,7 @@ from cluster.clients import make_admin, make_consumer
 from pipeline.config import KafkaConfig
 from pipeline.errors import BrokerError
 
-__all__ = ["read_all", "read_partitions", "end_offsets", "records_in_range", "group_lag"]
+__all__ = ["read_all", "read_partitions", "end_offsets", "records_in_range", "group_lag", "GroupView", "describe_group"]
 
 
 def read_all(cfg: KafkaConfig, topic: str, timeout_s: float = 60.0, settled: bool = False) -> list[Any]:
@@ -157,3 +158,40 @@ def group_lag(cfg: KafkaConfig, group_id: str, topics: Iterable[str]) -> dict[st
     finally:
         probe.close()
         admin.close()
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """What a group's coordinator says about one topic: the group's state and who owns which partition."""
+
+    state: str
+    """``Stable``, ``Empty``, ``PreparingRebalance``, ``CompletingRebalance`` or ``Dead``."""
+    owners: dict[str, set[int]]
+    """Client id of each member -> the topic's partitions assigned to it."""
+    partitions: set[int]
+    """Every partition of the topic."""
+
+    @property
+    def unowned(self) -> set[int]:
+        """Partitions no member was given."""
+        return self.partitions - set().union(*self.owners.values())
+
+
+def describe_group(cfg: KafkaConfig, group_id: str, topic: str) -> GroupView:
+    """The coordinator's view of ``group_id`` for ``topic`` (DescribeGroups).
+
+    Raises:
+        KafkaError: the coordinator could not be asked.
+    """
+    admin = make_admin(cfg)
+    try:
+        group = admin.describe_groups([group_id])[group_id]
+        partitions = {p["partition_index"] for t in admin.describe_topics([topic]) for p in t["partitions"]}
+    finally:
+        admin.close()
+    owners: dict[str, set[int]] = {}
+    for member in group.get("members") or []:
+        assignment = member.get("member_assignment") or {}
+        given = {p for a in assignment.get("assigned_partitions", []) if a["topic"] == topic for p in a["partitions"]}
+        owners.setdefault(str(member["client_id"]), set()).update(given)
+    return GroupView(str(group.get("group_state")), owners, partitions)

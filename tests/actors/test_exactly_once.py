@@ -226,3 +226,23 @@ def test_a_member_its_group_dropped_rejoins_and_commits_each_batch_once(make_set
     # The stale commit is refused (CommitFailedError) and aborted; the retry after the rejoin commits.
     assert worker.subscriptions == 2 and stats["retries"] >= 1 and stats["frames_out"] == 4, stats
     assert len(read_all(s.kafka, s.topics.detections.name)) == 5  # 4 frames and the end of stream, once each
+
+
+class LeftOut(InterWorker):
+    """A member whose first join left it without partitions (its subscription missed the topic, as a
+    join before the topic's metadata arrived does), while nobody else owns them."""
+
+    def subscribe(self) -> None:
+        assert self.consumer is not None
+        first = not hasattr(self, "joined")
+        self.joined = True
+        self.consumer.subscribe([f"{self.input_topic}.not-yet"] if first else [self.input_topic])
+
+
+def test_a_member_left_without_partitions_nobody_owns_rejoins_by_itself(make_settings, highway: str) -> None:
+    s = make_settings(producer__max_frames=3, model__name="sleep:1ms", kafka__session_timeout_ms=6000)
+    create_topics(s.kafka, s.topics.all())
+    FrameProducer(s, parse_source(highway, stream_id="hw")).run()
+    worker = LeftOut(s, "inter-0")
+    stats = worker.run(max_messages=4, timeout_s=60)
+    assert worker.rejoins == 1 and stats["frames_out"] == 3, stats

@@ -157,3 +157,25 @@ def test_group_lag_counts_records_not_transaction_markers(kafka_bootstrap: str) 
     assert group_lag(cfg, group, [topic]) == {topic: 0}
     producer.close()
     delete_topics(cfg, [topic])
+
+
+def test_describe_group_names_each_members_partitions_and_the_unowned_ones(kafka_bootstrap: str) -> None:
+    from cluster.reading import describe_group
+
+    cfg = KafkaConfig(bootstrap_servers=kafka_bootstrap)
+    run = uuid.uuid4().hex[:8]
+    frames, other = TopicSpec(name=f"t{run}.frames", partitions=6), TopicSpec(name=f"t{run}.other", partitions=2)
+    create_topics(cfg, [frames, other])
+    group = f"g{run}"
+    consumer = make_consumer(cfg, group_id=group, client_id="inter-7")
+    consumer.subscribe([other.name])  # a member, but of another topic
+    try:
+        for _ in range(20):
+            consumer.poll(timeout_ms=200)
+            if consumer.assignment():
+                break
+        view = describe_group(cfg, group, frames.name)
+    finally:
+        consumer.close()
+    assert view.state == "Stable" and view.owners == {"inter-7": set()}
+    assert view.partitions == view.unowned == set(range(6))
