@@ -5,7 +5,14 @@ the configured model) and is judged from what Kafka holds afterwards, not from t
 actors' own counters:
 
 - lost: frames the producer published that never got a count update on the counts topic;
-- counted twice: frames with more than one committed count update;
+- counted twice: frames the count table applied more than once (``count_verdict``): a frame whose
+  count updates disagree on the table they left, or a table (its last snapshot on the changelog)
+  that applied more frames than have a count update;
+- duplicates on counts: frames with more than one committed count update. Zero under exactly_once;
+  under at_least_once a count replica killed after its batch's count updates were acknowledged but
+  before its snapshot was (``actors.stages.CountWorker.process``) leaves updates that no durable
+  snapshot covers, and its successor, restoring the table without those frames, applies them once
+  and sends the same updates again: repeated output, not a frame counted twice;
 - duplicates on C: frames with more than one committed detection record (zero under
   exactly_once; under at_least_once the table absorbs them);
 - crops and table: the crop corpus and the vehicle totals of the run against those of an
@@ -41,6 +48,7 @@ from typing import Any
 
 from actors.launcher import RunPlan
 from actors.ray.engine import RunControl, run_pipeline
+from actors.stages import read_table
 from bench.experiments import TOPIC_KEYS, environment, isolated
 from cluster.clients import check_broker
 from cluster.raycluster import ray_session
@@ -55,7 +63,7 @@ from pipeline.messages import FrameDetections
 from pipeline.sources import parse_source
 from pipeline.stats import STAGES
 
-__all__ = ["FAULTS", "LAB_FAULTS", "Injector", "chaos", "run_fault", "verify"]
+__all__ = ["FAULTS", "LAB_FAULTS", "Injector", "chaos", "count_verdict", "run_fault", "verify"]
 
 logger = logging.getLogger(__name__)
 
@@ -226,16 +234,50 @@ def _counted(control: RunControl) -> int:
     return sum(best.values())
 
 
+def count_verdict(updates: list[dict[str, Any]], produced: int, table: dict[str, Any] | None) -> dict[str, Any]:
+    """Judge one stream's committed count updates (``"type": "count"``) and its last table snapshot.
+
+    Every update carries the table it left behind (``frames_applied``, ``totals``). A frame applied
+    once gives the same update however often it is sent: a successor that restored the table from
+    before the frame applies it onto the same state. A frame applied again onto a table that already
+    held it moves ``frames_applied`` on, so its updates disagree. A frame applied twice whose updates
+    did not both land shows in the table: it applied more frames than have an update.
+
+    Returns:
+        ``frames_counted``, ``lost``, ``counted_twice`` (frames applied more than once: the frames with
+        disagreeing updates, or the table's excess, whichever is more), ``duplicates_on_counts`` (frames
+        with more than one update: zero under exactly_once, allowed under at_least_once) and
+        ``table_frames_applied`` (None without a snapshot).
+    """
+    sent: Counter[int] = Counter()
+    left: dict[int, set[tuple[int, tuple[tuple[str, int], ...]]]] = {}
+    for u in updates:
+        index = int(u["frame_index"])
+        sent[index] += 1
+        state = (int(u.get("frames_applied", 0)), tuple(sorted((str(k), int(v)) for k, v in u.get("totals", {}).items())))
+        left.setdefault(index, set()).add(state)
+    applied = None if table is None else int(table.get("frames_applied", 0))
+    reapplied = sum(1 for states in left.values() if len(states) > 1)
+    excess = 0 if applied is None else max(0, applied - len(sent))
+    return {
+        "frames_counted": len(sent),
+        "lost": sum(1 for i in range(produced) if i not in sent),
+        "counted_twice": max(reapplied, excess),
+        "duplicates_on_counts": sum(1 for n in sent.values() if n > 1),
+        "table_frames_applied": applied,
+    }
+
+
 def verify(settings: Settings, stream_id: str, produced: int) -> dict[str, Any]:
-    """Judge a finished run from the committed records on C and the counts topic."""
-    updates: Counter[int] = Counter()
+    """Judge a finished run from the committed records on C, the counts topic and the changelog."""
+    updates: list[dict[str, Any]] = []
     for r in read_all(settings.kafka, settings.topics.counts.name):
         try:
             update = decode_json(r.value)
         except DecodeError:
             continue
         if update.get("stream_id") == stream_id and update.get("type") == "count":
-            updates[int(update["frame_index"])] += 1
+            updates.append(update)
     on_c: Counter[int] = Counter()
     for r in read_all(settings.kafka, settings.topics.detections.name):
         try:
@@ -246,9 +288,7 @@ def verify(settings: Settings, stream_id: str, produced: int) -> dict[str, Any]:
             on_c[item.meta.frame_index] += 1
     return {
         "frames_produced": produced,
-        "frames_counted": len(updates),
-        "lost": sum(1 for i in range(produced) if i not in updates),
-        "counted_twice": sum(1 for n in updates.values() if n > 1),
+        **count_verdict(updates, produced, read_table(settings).get(stream_id)),
         "duplicates_on_c": sum(1 for n in on_c.values() if n > 1),
     }
 
@@ -375,6 +415,7 @@ TABLE_COLUMNS = (
     "frames_counted",
     "lost",
     "counted_twice",
+    "duplicates_on_counts",
     "duplicates_on_c",
     "crops_expected",
     "crops_written",
@@ -392,13 +433,17 @@ def table_lines(result: dict[str, Any]) -> list[str]:
 
 
 def failed_faults(result: dict[str, Any]) -> list[str]:
-    """Faults that lost or double-counted a frame, or changed the crop corpus, the table or the tracked counts."""
+    """Faults that lost or double-counted a frame, or changed the crop corpus, the table or the tracked
+    counts; under exactly_once also those that sent a frame's count update twice (at least once, a
+    replica killed between its count updates and its snapshot repeats them: see ``count_verdict``)."""
+    exactly_once = result.get("processing_guarantee", "exactly_once") == "exactly_once"
     return [
         r["fault"]
         for r in result["rows"]
         if r.get("error")
         or r["lost"]
         or r["counted_twice"]
+        or (exactly_once and r.get("duplicates_on_counts"))
         or not (r["crops_match"] and r["table_match"])
         or not r.get("traffic_match", True)
     ]

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bench.chaos import FAULTS, LAB_FAULTS, failed_faults, run_fault
+from bench.chaos import FAULTS, LAB_FAULTS, count_verdict, failed_faults, run_fault
 from cluster.broker import KafkaBroker
 from pipeline.config import Settings
 from tests.conftest import build_settings, private_broker
@@ -76,7 +76,9 @@ def test_fault_loses_nothing_and_counts_nothing_twice(
     assert row["injected"], row
     assert row["frames_produced"] == FRAMES, row
     assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == FRAMES, row
+    assert row["table_frames_applied"] == FRAMES, row
     assert row["duplicates_on_c"] == 0, row  # exactly-once from A to C
+    assert row["duplicates_on_counts"] == 0, row  # and from C to the counts topic
     assert crops == reference_crops, f"crops differ: {len(crops)} vs {len(reference_crops)}"
     assert row["vehicle_totals"] == reference_row["vehicle_totals"], row
     assert row["traffic"]["frames_tracked"] == FRAMES and row["traffic"]["frames_stepped_over"] == 0, row
@@ -88,15 +90,18 @@ def test_fault_loses_nothing_and_counts_nothing_twice(
 def test_at_least_once_loses_nothing_when_a_replica_dies(
     fault: str, chaos_settings: Settings, undisturbed: tuple[dict[str, Any], set[Any]], highway: str
 ) -> None:
-    """Redelivered batches are absorbed: the same crops and table as the exactly-once reference (box
-    counts; tracking off, as this test always ran). The whole `vapipe chaos` path, reference run,
-    table and verdict, runs in tests/cluster/test_lab.py."""
+    """Redelivered batches are absorbed: every frame applied to the table once, the same crops and table
+    as the exactly-once reference (box counts; tracking off, as this test always ran). A count replica
+    killed between its count updates and its snapshot makes its successor send those updates again
+    (``duplicates_on_counts``): allowed at least once, a frame applied twice (``counted_twice``) is not.
+    The whole `vapipe chaos` path, reference run, table and verdict, runs in tests/cluster/test_lab.py."""
     reference_row, reference_crops = undisturbed
     untracked = chaos_settings.tracking.model_copy(update={"enabled": False})
     s = chaos_settings.model_copy(update={"processing_guarantee": "at_least_once", "tracking": untracked})
     row, crops = run_fault(s, highway, FRAMES, fault, REPLICAS)
     assert row["injected"] and row["frames_produced"] == FRAMES, row
     assert row["lost"] == 0 and row["counted_twice"] == 0 and row["frames_counted"] == FRAMES, row
+    assert row["table_frames_applied"] == FRAMES, row
     assert crops == reference_crops, f"crops differ: {len(crops)} vs {len(reference_crops)}"
     assert row["vehicle_totals"] == reference_row["vehicle_totals"], row
 
@@ -111,5 +116,40 @@ def test_verdict_names_every_fault_that_lost_double_counted_or_changed_the_corpu
         ok | {"fault": "d", "traffic_match": False},
         ok | {"fault": "e", "traffic_match": True},
         ok | {"fault": "kill-producer", "traffic_match": False},  # a restarted producer continues the clip's clock
+        ok | {"fault": "f", "duplicates_on_counts": 6},
     ]
-    assert failed_faults({"rows": rows}) == ["a", "b", "c", "d", "kill-producer"]
+    assert failed_faults({"rows": rows}) == ["a", "b", "c", "d", "kill-producer", "f"]
+    # At least once, a count update sent again is expected; a frame applied twice is not.
+    assert failed_faults({"rows": rows, "processing_guarantee": "at_least_once"}) == ["a", "b", "c", "d", "kill-producer"]
+
+
+def _update(index: int, applied: int, cars: int) -> dict[str, Any]:
+    return {"type": "count", "stream_id": "s", "frame_index": index, "frames_applied": applied, "totals": {"car": cars}}
+
+
+def test_count_updates_sent_again_from_the_same_table_are_duplicates_not_double_counts() -> None:
+    """The kill-count flake: at least once, a replica killed after its batch's updates (frames 3-8)
+    were acknowledged and before its snapshot was; the successor restored the table as of frame 2
+    and applied 3-8 once more onto it, sending the very same updates again."""
+    first = [_update(i, i + 1, 2 * (i + 1)) for i in range(9)]
+    updates = first + first[3:] + [_update(i, i + 1, 2 * (i + 1)) for i in range(9, 12)]
+    row = count_verdict(updates, 12, {"frames_applied": 12, "totals": {"car": 24}})
+    assert row == {
+        "frames_counted": 12,
+        "lost": 0,
+        "counted_twice": 0,
+        "duplicates_on_counts": 6,
+        "table_frames_applied": 12,
+    }
+
+
+def test_a_frame_applied_onto_a_table_that_already_held_it_is_counted_twice() -> None:
+    once = [_update(i, i + 1, 2 * (i + 1)) for i in range(6)]
+    # Frames 3-5 applied again after 5: the table moved on (frames_applied 7-9), and its totals are wrong.
+    again = [_update(i, 4 + i, 2 * (4 + i)) for i in range(3, 6)]
+    row = count_verdict(once + again, 6, {"frames_applied": 9, "totals": {"car": 18}})
+    assert row["counted_twice"] == 3 and row["duplicates_on_counts"] == 3 and row["lost"] == 0
+    # The second updates never landed (say, a batch rewound after them): the table still tells.
+    assert count_verdict(once, 6, {"frames_applied": 9})["counted_twice"] == 3
+    assert count_verdict(once, 6, None)["counted_twice"] == 0  # no snapshot: the updates alone judge
+    assert count_verdict(once[:4], 6, {"frames_applied": 4})["lost"] == 2
