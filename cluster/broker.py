@@ -155,6 +155,22 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until ``pid`` has exited (reaping it when it is our child); returns whether it has.
+
+    A JVM holds its log folder's ``.lock`` until it is gone, so a broker started on the same
+    folder before then fails ("Failed to acquire lock").
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _reap(pid)
+        if not _pid_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def new_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, base64url without padding (what ``kafka-storage random-uuid`` prints)."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -407,7 +423,7 @@ class KafkaBroker:
         pid = self._running_pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            _reap(pid)
+            _wait_gone(pid, 10.0)  # until then it still reads as running, and holds its log folder
         return pid
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], t0: float) -> None:
@@ -456,13 +472,11 @@ class KafkaBroker:
             self.pid_file.unlink(missing_ok=True)
             return False
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_alive(pid):
-            _reap(pid)
-            time.sleep(0.2)
-        if _pid_alive(pid):
+        if not _wait_gone(pid, timeout_s):
             logger.warning("broker %d ignored SIGTERM for %.0fs; killing it", pid, timeout_s)
             os.kill(pid, signal.SIGKILL)
+            if not _wait_gone(pid, 10.0):
+                logger.warning("broker %d still runs 10s after SIGKILL; its log folder may stay locked", pid)
         self.pid_file.unlink(missing_ok=True)
         return True
 
