@@ -219,10 +219,11 @@ class CameraStatus:
         return asdict(self)
 
     def line(self, now: float) -> str:
-        """``connected, last frame 0.1s ago`` or ``reconnecting for 12s (4 attempts), last frame 13s ago``."""
+        """``connected, last frame 0.1s ago`` or ``reconnecting for 12s (4 attempts): no frame for 2s, last frame 13s ago``."""
         age = "no frame yet" if self.last_frame_ts is None else f"last frame {now - self.last_frame_ts:.1f}s ago"
         if self.state == "reconnecting":
-            return f"reconnecting for {now - self.since:.0f}s ({self.attempts} attempts), {age}"
+            why = f": {self.last_error}" if self.last_error else ""
+            return f"reconnecting for {now - self.since:.0f}s ({self.attempts} attempts){why}, {age}"
         return f"{self.state}, {age}"
 
 

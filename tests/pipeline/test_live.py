@@ -156,8 +156,8 @@ def test_a_camera_reads_as_reconnecting_only_with_the_reason_why() -> None:
 
 
 def test_camera_status_line() -> None:
-    status = CameraStatus(state="reconnecting", since=100.0, attempts=4, last_frame_ts=99.0)
-    assert status.line(112.0) == "reconnecting for 12s (4 attempts), last frame 13.0s ago"
+    status = CameraStatus(state="reconnecting", since=100.0, attempts=4, last_frame_ts=99.0, last_error="no frame for 2s")
+    assert status.line(112.0) == "reconnecting for 12s (4 attempts): no frame for 2s, last frame 13.0s ago"
     assert CameraStatus(state="connected", last_frame_ts=111.9).line(112.0) == "connected, last frame 0.1s ago"
 
 
