@@ -18,6 +18,7 @@ import base64
 import hashlib
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from cluster.security import admin_config, ensure_material, scram_format_args, s
 from pipeline.config import BrokerConfig, KafkaConfig
 from pipeline.errors import BrokerError
 
-__all__ = ["BrokerStatus", "KafkaBroker", "KafkaCluster", "local_broker", "server_properties", "POM_PATH"]
+__all__ = ["BrokerStatus", "KafkaBroker", "KafkaCluster", "decisive_error", "local_broker", "server_properties", "POM_PATH"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,32 @@ class BrokerStatus:
 
 def _controller_host(cfg: BrokerConfig) -> str:
     return "127.0.0.1" if cfg.listen_host in ("0.0.0.0", "::") else cfg.listen_host
+
+
+_DEDUPE_BUFFER_DEFAULT = 128 * 1024 * 1024
+"""Kafka's ``log.cleaner.dedupe.buffer.size``: one buffer allocated whole when the log cleaner starts."""
+
+
+def heap_bytes(heap: str) -> int | None:
+    """``-Xmx``-style size (``768m``, ``1g``, ``524288k``, bytes) in bytes; None if it is not one."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)\s*", heap)
+    if m is None:
+        return None
+    return int(m[1]) * 1024 ** " kmgt".index(m[2].lower() or " ")
+
+
+def dedupe_buffer_bytes(heap: str) -> int:
+    """The log cleaner's dedupe buffer for a broker of this heap: an eighth of it, at most Kafka's 128 MiB.
+
+    The cleaner allocates the whole buffer as one array when the broker starts its log manager. Kafka's
+    128 MiB default is half of a 256 MiB heap, and G1 must find it contiguous: on a busy start the
+    allocation fails, ``OutOfMemoryError`` stops the broker with "Error starting LogManager". An eighth
+    still indexes over a million keys of the compacted topics (offsets, transactions, stage state) per pass.
+    """
+    size = heap_bytes(heap)
+    if size is None:
+        return _DEDUPE_BUFFER_DEFAULT
+    return max(4 * 1024 * 1024, min(_DEDUPE_BUFFER_DEFAULT, size // 8))
 
 
 def server_properties(
@@ -99,6 +126,7 @@ def server_properties(
         "socket.request.max.bytes": str(max(limit * 2, 104857600)),
         "log.retention.hours": "24",
         "log.segment.bytes": str(256 * 1024 * 1024),
+        "log.cleaner.dedupe.buffer.size": str(dedupe_buffer_bytes(cfg.heap)),
         "auto.create.topics.enable": "false",
     }
     return "".join(f"{k}={v}\n" for k, v in lines.items())
@@ -127,6 +155,22 @@ def _reap(pid: int) -> None:
         pass
 
 
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until ``pid`` has exited (reaping it when it is our child); returns whether it has.
+
+    A JVM holds its log folder's ``.lock`` until it is gone, so a broker started on the same
+    folder before then fails ("Failed to acquire lock").
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _reap(pid)
+        if not _pid_alive(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
 def new_cluster_id() -> str:
     """A KRaft cluster id: 16 random bytes, base64url without padding (what ``kafka-storage random-uuid`` prints)."""
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
@@ -137,6 +181,43 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+_RECORD = re.compile(r"^\[[^\]]*\] ([A-Z]+) (.*?)(?: \([\w.$]+\))?$")
+"""One record of ``log4j2.properties``'s layout: ``[time] LEVEL message (logger)``."""
+
+
+def decisive_error(lines: list[str], limit: int = 400) -> str | None:
+    """The error that stopped a broker, in one line, from its log: None when the log has none.
+
+    That is the last fatal fault, else the last ERROR record, followed by the root cause of the
+    stack trace logged under it (the exception, or its last ``Caused by:``): a fatal fault's
+    record alone ("Error starting LogManager") does not say why, its trace does
+    ("java.lang.OutOfMemoryError: Java heap space"). A log without records (the JVM's own
+    ``broker.out``) gives its last line that names an error or exception; records of lower levels
+    never count (the INFO line quoting a NotControllerException is no error).
+    """
+    fatal: tuple[str, str | None] | None = None
+    last: tuple[str, str | None] | None = None
+    current: list[str | None] | None = None  # [message, cause] of the ERROR record being read
+    for line in lines:
+        record = _RECORD.match(line)
+        if record is not None:
+            if current is not None:
+                last = (current[0] or "", current[1])
+                fatal = last if "fatal" in last[0].lower() else fatal
+            current = [record[2].strip(), None] if record[1] in ("ERROR", "FATAL") else None
+        elif current is not None and line.strip() and not line[0].isspace():
+            current[1] = line.strip().removeprefix("Caused by: ")
+    if current is not None:
+        last = (current[0] or "", current[1])
+        fatal = last if "fatal" in last[0].lower() else fatal
+    chosen = fatal or last
+    if chosen is None:
+        named = [line.strip() for line in lines if not _RECORD.match(line) and any(w in line for w in ("Error", "Exception"))]
+        return named[-1][:limit] if named else None
+    message, cause = chosen
+    return (f"{message}: {cause}" if cause and cause not in message else message)[:limit]
 
 
 class KafkaBroker:
@@ -180,6 +261,11 @@ class KafkaBroker:
     @property
     def bootstrap(self) -> str:
         return f"{self.cfg.advertised_host or self.cfg.listen_host}:{self.cfg.port}"
+
+    @property
+    def label(self) -> str:
+        """How errors name it: which node of a cluster failed to start, with its log."""
+        return "Kafka broker" if self.voters is None else f"Kafka node {self.node_id} (log: {self.log_dir / 'server.log'})"
 
     # -- jars ----------------------------------------------------------------
     @staticmethod
@@ -337,7 +423,7 @@ class KafkaBroker:
         pid = self._running_pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            _reap(pid)
+            _wait_gone(pid, 10.0)  # until then it still reads as running, and holds its log folder
         return pid
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], t0: float) -> None:
@@ -348,7 +434,7 @@ class KafkaBroker:
             host = "127.0.0.1"
         while time.monotonic() - t0 < self.cfg.start_timeout_s:
             if proc.poll() is not None:
-                raise BrokerError(f"Kafka broker exited with code {proc.returncode} during start-up: {self.last_error()}")
+                raise BrokerError(f"{self.label} exited with code {proc.returncode} during start-up: {self.last_error()}")
             try:
                 with socket.create_connection((host, port), timeout=1):
                     pass
@@ -364,16 +450,19 @@ class KafkaBroker:
                 time.sleep(0.5)
         self.stop()
         raise BrokerError(
-            f"Kafka broker did not answer on {host}:{port} within {self.cfg.start_timeout_s:g}s: {self.last_error()}"
+            f"{self.label} did not answer on {host}:{port} within {self.cfg.start_timeout_s:g}s: {self.last_error()}"
         )
 
     def last_error(self) -> str:
+        """The broker log's decisive error in one line (``logs/server.log``, else the JVM's ``broker.out``)."""
         for name in ("server.log", "broker.out"):
             path = self.log_dir / name
             if path.exists():
-                lines = [line for line in path.read_text(errors="replace").splitlines() if "ERROR" in line or "Exception" in line]
-                if lines:
-                    return lines[-1].strip()[:300]
+                found = decisive_error(path.read_text(errors="replace").splitlines())
+                if found:
+                    if "OutOfMemoryError" in found:
+                        found += f" (broker.heap={self.cfg.heap} is too small for this broker)"
+                    return found
         return "no error in the broker log"
 
     def stop(self, timeout_s: float = 30.0) -> bool:
@@ -383,13 +472,11 @@ class KafkaBroker:
             self.pid_file.unlink(missing_ok=True)
             return False
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _pid_alive(pid):
-            _reap(pid)
-            time.sleep(0.2)
-        if _pid_alive(pid):
+        if not _wait_gone(pid, timeout_s):
             logger.warning("broker %d ignored SIGTERM for %.0fs; killing it", pid, timeout_s)
             os.kill(pid, signal.SIGKILL)
+            if not _wait_gone(pid, 10.0):
+                logger.warning("broker %d still runs 10s after SIGKILL; its log folder may stay locked", pid)
         self.pid_file.unlink(missing_ok=True)
         return True
 

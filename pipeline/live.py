@@ -212,15 +212,18 @@ class CameraStatus:
     reconnects: int = 0
     """Outages it came back from."""
     last_error: str | None = None
+    """Why it is not connected: set before it turns ``reconnecting`` (``no frame for 2s``, the stream
+    ended, a decoder error), then the last failed attempt's error; None while connected."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def line(self, now: float) -> str:
-        """``connected, last frame 0.1s ago`` or ``reconnecting for 12s (4 attempts), last frame 13s ago``."""
+        """``connected, last frame 0.1s ago`` or ``reconnecting for 12s (4 attempts): no frame for 2s, last frame 13s ago``."""
         age = "no frame yet" if self.last_frame_ts is None else f"last frame {now - self.last_frame_ts:.1f}s ago"
         if self.state == "reconnecting":
-            return f"reconnecting for {now - self.since:.0f}s ({self.attempts} attempts), {age}"
+            why = f": {self.last_error}" if self.last_error else ""
+            return f"reconnecting for {now - self.since:.0f}s ({self.attempts} attempts){why}, {age}"
         return f"{self.state}, {age}"
 
 
@@ -228,6 +231,13 @@ def camera_line(status: dict[str, Any], now: float | None = None) -> str:
     """``CameraStatus.line`` of a status as a worker reports it (a dict)."""
     known = {k: v for k, v in status.items() if k in CameraStatus.__dataclass_fields__}
     return CameraStatus(**known).line(time.time() if now is None else now)
+
+
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """A connection's last item: why it ended."""
+
+    reason: str
 
 
 class LiveCamera:
@@ -300,11 +310,12 @@ class LiveCamera:
             self.on_quiet()
 
     def _lost(self) -> None:
+        """The connection is gone: ``status.last_error`` already says why (``_read`` set it)."""
         self._quiet()
         self.status.reconnects += 1
         self.status.attempts = 0
         self._set("reconnecting")
-        logger.warning("%s: camera lost (%s); reconnecting", self.name, self.status.last_error or "the stream ended")
+        logger.warning("%s: camera lost (%s); reconnecting", self.name, self.status.last_error)
 
     def _connect(self) -> Any:
         """A new connection, after as many attempts as it takes; None once stopped."""
@@ -332,27 +343,44 @@ class LiveCamera:
         self.stop.wait(seconds)  # a stop ends the wait at once
 
     def _read(self, source: Any) -> Iterator[Any]:
-        """Frames of one connection until it fails, ends or stalls; the read runs in its own thread."""
+        """Frames of one connection until it fails, ends or stalls; the read runs in its own thread.
+
+        Whichever way it ends, ``status.last_error`` says why before this returns (so before the
+        camera reads as reconnecting). A frozen camera is caught by one of two clocks, both at
+        ``stall_s``: this thread's, when no frame is at hand for that long, or the source's own
+        (FFmpeg's read timeout), which ends the stream; either way the reason is the same
+        ``no frame for <stall_s>s``.
+        """
         frames: queue.Queue[Any] = queue.Queue(maxsize=64)
         abandoned = threading.Event()
-        done = object()
+        stalled = f"no frame for {self.stall_s:g}s"
+
+        def offer(item: Any) -> bool:
+            while not abandoned.is_set():
+                try:
+                    frames.put(item, timeout=0.5)
+                    return True
+                except queue.Full:
+                    continue
+            return False
 
         def reader() -> None:
+            # Only this connection's end reaches the status, through the queue: a reader abandoned
+            # for a stall that fails later must not overwrite the reason of a newer connection.
+            reason = "the stream ended"
             try:
+                asked = time.monotonic()
                 for frame in source:
-                    while not abandoned.is_set():
-                        try:
-                            frames.put(frame, timeout=0.5)
-                            break
-                        except queue.Full:
-                            continue
-                    if abandoned.is_set():
+                    if not offer(frame):
                         return
+                    asked = time.monotonic()
+                if time.monotonic() - asked >= 0.9 * self.stall_s:  # the source's own read timeout
+                    reason = stalled
             except Exception as exc:  # a decoder error ends this connection, not the camera
-                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                reason = f"{type(exc).__name__}: {exc}"
             finally:
                 source.close()  # here, not in the caller: closing under a running read would crash
-                frames.put(done)
+                offer(_Ended(reason))
 
         threading.Thread(target=reader, name=f"camera-{self.name}", daemon=True).start()
         self._set("connected")
@@ -367,10 +395,11 @@ class LiveCamera:
                     self._quiet()
                     waited += min(0.5, self.stall_s)
                     if waited >= self.stall_s:
-                        self.status.last_error = f"no frame for {self.stall_s:g}s"
+                        self.status.last_error = stalled
                         return
                     continue
-                if item is done:
+                if isinstance(item, _Ended):
+                    self.status.last_error = item.reason
                     return
                 waited = 0.0
                 self.status.last_frame_ts = item.grabbed_ts

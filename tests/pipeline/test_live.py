@@ -67,10 +67,17 @@ def test_decimator_takes_a_camera_at_the_target_rate() -> None:
 
 
 class _FakeConnection:
-    """A camera connection: ``frames`` frames at ``fps``, then it ends, or hangs (a frozen server)."""
+    """A camera connection: ``frames`` frames at ``fps``, then it ends, or hangs (a frozen server).
 
-    def __init__(self, frames: int, fps: float, hang: bool = False) -> None:
+    ``silent_s``: it hangs that long and then ends (what FFmpeg's read timeout does), or then
+    raises ``fails``.
+    """
+
+    def __init__(
+        self, frames: int, fps: float, hang: bool = False, silent_s: float = 0.0, fails: Exception | None = None
+    ) -> None:
         self.frames, self.fps, self.hang, self.closed = frames, fps, hang, False
+        self.silent_s, self.fails = silent_s, fails
 
     def __iter__(self):
         for i in range(self.frames):
@@ -78,6 +85,9 @@ class _FakeConnection:
             yield Frame(i, np.zeros((4, 4, 3), np.uint8), time.time())
         if self.hang:
             time.sleep(3)
+        time.sleep(self.silent_s)
+        if self.fails is not None:
+            raise self.fails
 
     def close(self) -> None:
         self.closed = True
@@ -109,9 +119,45 @@ def test_live_camera_reconnects_after_failures_and_stalls_and_reports_the_gap() 
     assert opened[0].closed
 
 
+def test_a_camera_reads_as_reconnecting_only_with_the_reason_why() -> None:
+    """A frozen camera is caught by whichever clock runs out first, the camera's own (no frame at
+    hand for ``stall_s``) or the source's read timeout (the stream ends after ``stall_s`` without a
+    frame): the reason is the same, and it is set before the camera reads as reconnecting."""
+    stall_s = 0.5
+    plan = [
+        _FakeConnection(3, 50),  # ends: the server closed it
+        _FakeConnection(3, 50, silent_s=stall_s),  # frozen, and the source's read timeout ends it
+        _FakeConnection(3, 50, silent_s=1.0, fails=RuntimeError("late")),  # frozen: the camera's clock abandons it
+        _FakeConnection(1000, 50),
+    ]
+    seen: list[tuple[str, str | None]] = []
+    stop = threading.Event()
+
+    def open_source():
+        seen.append((camera.status.state, camera.status.last_error))  # what `vapipe status` shows meanwhile
+        return plan.pop(0)
+
+    camera = LiveCamera(open_source, fps=50, stall_s=stall_s, backoff_max_s=0.2, stop=stop, name="cam")
+    last_frames = 0
+    for item in camera:
+        if len(seen) == 2 and isinstance(item, Frame) and item.index == 0:
+            time.sleep(3 * stall_s)  # busy publishing: the camera's own clock does not run, the source's does
+        if len(seen) == 4 and isinstance(item, Frame):
+            last_frames += 1
+            if last_frames >= 75:  # 1.5 s: past the abandoned connection's late failure
+                stop.set()
+    assert seen == [
+        ("connecting", None),
+        ("reconnecting", "the stream ended"),
+        ("reconnecting", "no frame for 0.5s"),
+        ("reconnecting", "no frame for 0.5s"),
+    ]
+    assert camera.status.last_error is None  # the abandoned reader's late failure is no error of the new connection
+
+
 def test_camera_status_line() -> None:
-    status = CameraStatus(state="reconnecting", since=100.0, attempts=4, last_frame_ts=99.0)
-    assert status.line(112.0) == "reconnecting for 12s (4 attempts), last frame 13.0s ago"
+    status = CameraStatus(state="reconnecting", since=100.0, attempts=4, last_frame_ts=99.0, last_error="no frame for 2s")
+    assert status.line(112.0) == "reconnecting for 12s (4 attempts): no frame for 2s, last frame 13.0s ago"
     assert CameraStatus(state="connected", last_frame_ts=111.9).line(112.0) == "connected, last frame 0.1s ago"
 
 
