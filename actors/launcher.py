@@ -339,7 +339,6 @@ class StallWatch:
     """How long a stage may take no record while its group has some waiting (past a session timeout)."""
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Stage -> (records it had taken, when that last changed)."""
-    kicks: int = 0
 
     def check(self, settings: Settings, workers: Workers, progress: Progress) -> list[str]:
         """Kick the stalled stages (at most once per ``after_s`` each); returns their names."""
@@ -365,7 +364,6 @@ class StallWatch:
                     stage, waiting, now - since, progress.owners(), ", ".join(replicas),
                 )  # fmt: skip
                 workers.rejoin(replicas)
-                self.kicks += 1
                 kicked.append(stage)
         return kicked
 
