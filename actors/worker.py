@@ -159,6 +159,7 @@ class StageWorker:
             **self.consumer_options(),
         )
         self.subscribe()
+        self._idle_since = None  # a new member: its own join gets half a session before the check
         self.setup()
         self.meter.started_at = time.time()
 
