@@ -117,6 +117,16 @@ class Progress:
         self.fresh = {s["name"]: WorkerStats.from_dict(s) for s in stats}
         self.stats.update(self.fresh)
 
+    def retire(self, name: str, last: WorkerStats | None = None) -> None:
+        """A replica removed for good: its work stays in the totals, its rates leave them."""
+        last = self.stats.pop(name, None) if last is None else last
+        self.stats.pop(name, None)
+        self.fresh.pop(name, None)
+        if last is not None:
+            last.fps, last.lag, last.lag_s, last.busy, last.running = 0.0, None, None, 0.0, False
+            last.partition_lag = {}
+            self.retired.append(last)
+
     def sample(self) -> None:
         row: dict[str, Any] = {"t": round(time.time() - self.t0, 2), "produced": self.total("producer", "frames_out")}
         for stage in STAGES:

@@ -140,6 +140,49 @@ class LatencyHistogram:
         return hist
 
 
+CARRIED_COUNTERS = (
+    "records_in",
+    "frames_in",
+    "frames_out",
+    "poison",
+    "dead_lettered",
+    "commit_failures",
+    "retries",
+    "skip_markers",
+    "detections",
+    "end_of_streams",
+    "duplicates",
+    "frames_skipped",
+)
+"""Counters a worker sums over its lives (restore figures and rates describe the live process only)."""
+
+
+@dataclass
+class EarlierLives:
+    """What a worker's earlier processes counted. A restarted worker (Ray restarting a killed actor,
+    the Faust engine a crashed process) starts its counters at 0; the run's totals, its live line
+    and its summary must not fall back when it does."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    def end_life(self, last: dict[str, Any]) -> None:
+        """Keep what a process that is gone reported last."""
+        for key in CARRIED_COUNTERS:
+            self.counters[key] = self.counters.get(key, 0) + int(last.get(key) or 0)
+        self.latency.merge(LatencyHistogram.from_dict(last.get("latency_histogram")))
+
+    def add_to(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """The live process's report plus its earlier lives (a new dict)."""
+        out = dict(stats)
+        for key, n in self.counters.items():
+            out[key] = int(out.get(key) or 0) + n
+        if self.latency.count:
+            merged = LatencyHistogram.from_dict(out.get("latency_histogram")).merge(self.latency)
+            out["latency_histogram"], out["latency_ms"] = merged.to_dict(), merged.summary()
+        return out
+
+
 @dataclass
 class WorkerStats:
     """One worker's report (a stage replica or a producer), polled about once a second.

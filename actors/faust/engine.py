@@ -40,25 +40,13 @@ from cluster.raycluster import ray_session
 from pipeline.config import Settings
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.sources import SourceSpec
-from pipeline.stats import STAGES, LatencyHistogram, RunSummary
+from pipeline.stats import STAGES, EarlierLives, RunSummary
 
 __all__ = ["run_engines", "FaustProcess", "FaustWorkers", "faust_status"]
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-CARRIED = (
-    "records_in",
-    "frames_in",
-    "frames_out",
-    "poison",
-    "dead_lettered",
-    "detections",
-    "end_of_streams",
-    "duplicates",
-    "retries",
-)
-"""Counters summed over a restarted worker's lives."""
 
 
 def _python_env() -> dict[str, str]:
@@ -80,9 +68,8 @@ class FaustProcess:
         self.restarts = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.stopping = False
-        self.carried: dict[str, Any] = {}
-        """Counters of this worker's earlier lives (before a restart), added to its live stats."""
-        self.carried_latency = LatencyHistogram()
+        self.lives = EarlierLives()
+        """What this worker's earlier processes counted, added to its live stats."""
 
     @property
     def stats_path(self) -> Path:
@@ -122,10 +109,7 @@ class FaustProcess:
             )
         self.restarts += 1
         logger.warning("%s exited with %s; restarting (%d/%d)", self.name, self.proc.returncode, self.restarts, self.max_restarts)
-        last = self.read_stats() or {}
-        for key in CARRIED:
-            self.carried[key] = int(last.get(key) or 0)
-        self.carried_latency.merge(LatencyHistogram.from_dict(last.get("latency_histogram")))
+        self.lives.end_life(self.read_stats() or {})
         self.stats_path.unlink(missing_ok=True)
         self.start()
 
@@ -140,12 +124,7 @@ class FaustProcess:
         s = self.read_stats()
         if s is None:
             return None
-        for key in CARRIED:
-            if key in self.carried:
-                s[key] = int(s.get(key) or 0) + self.carried[key]
-        if self.carried_latency.count:
-            merged = LatencyHistogram.from_dict(s.get("latency_histogram")).merge(self.carried_latency)
-            s["latency_histogram"], s["latency_ms"] = merged.to_dict(), merged.summary()
+        s = self.lives.add_to(s)
         s["restarts"] = self.restarts
         return s
 

@@ -21,7 +21,7 @@ from cluster.raycluster import placement_shortfall, ray_session
 from pipeline.config import RayConfig, Role, Settings
 from pipeline.errors import PipelineError
 from pipeline.sources import SourceSpec
-from pipeline.stats import STAGES, RunSummary, WorkerStats
+from pipeline.stats import STAGES, EarlierLives, RunSummary, WorkerStats
 
 __all__ = ["RunControl", "RayWorkers", "run_pipeline", "launch_stage", "actor_stats", "check_placement", "named_actor_stats"]
 
@@ -57,7 +57,7 @@ class RunControl:
 
         handle = self.actors.pop(name)
         self.stage_refs.pop(name, None)
-        self.progress.stats.pop(name, None)
+        self.progress.retire(name)
         ray.kill(handle, no_restart=True)
         if self.settings.processing_guarantee == "exactly_once":
             stage = name.rsplit("-", 1)[0]
@@ -79,6 +79,10 @@ class RayWorkers:
     """Each actor's stats request in flight: one at a time, carried over ticks until it answers."""
     answered: set[str] = field(default_factory=set)
     """Actors that answered once: a replica still starting (loading its model) is never waited for."""
+    last: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Each actor's last report as its process gave it (before earlier lives are added)."""
+    lives: dict[str, EarlierLives] = field(default_factory=dict)
+    """What the earlier processes of an actor Ray restarted counted."""
 
     def stage_names(self) -> list[str]:
         return list(self.stage_refs)
@@ -91,9 +95,13 @@ class RayWorkers:
         """
         import ray
 
-        for name in (set(self.asked) | self.answered) - set(self.actors):  # removed or retired: a name reused is new
+        for name in (set(self.asked) | self.answered | set(self.last)) - set(
+            self.actors
+        ):  # removed or retired: a name reused is new
             self.asked.pop(name, None)
             self.answered.discard(name)
+            self.last.pop(name, None)
+            self.lives.pop(name, None)
         for name, handle in self.actors.items():
             if name not in self.asked:
                 self.asked[name] = handle.stats.remote()
@@ -108,11 +116,20 @@ class RayWorkers:
             if ref in ready:
                 del self.asked[name]
                 try:
-                    out.append(ray.get(ref))
+                    out.append(self._over_lives(name, ray.get(ref)))
                     self.answered.add(name)
                 except ray.exceptions.RayError:
                     continue
         return out
+
+    def _over_lives(self, name: str, stats: dict[str, Any]) -> dict[str, Any]:
+        """An actor Ray restarted (its process killed) reports from 0: add what its earlier processes counted."""
+        before = self.last.get(name)
+        if before is not None and (before.get("node_id"), before.get("pid")) != (stats.get("node_id"), stats.get("pid")):
+            self.lives.setdefault(name, EarlierLives()).end_life(before)
+        self.last[name] = stats
+        lives = self.lives.get(name)
+        return lives.add_to(stats) if lives is not None else stats
 
     def poll(self) -> list[dict[str, Any]]:
         import ray

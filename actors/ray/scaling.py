@@ -102,7 +102,7 @@ class InterAutoscaler:
                 continue
             del self.retiring[name]
             control.actors.pop(name, None)
-            last = control.progress.stats.pop(name, None)
+            last = control.progress.stats.get(name)
             if done:
                 try:
                     last = WorkerStats.from_dict(ray.get(ref))
@@ -110,9 +110,7 @@ class InterAutoscaler:
                     logger.warning("autoscale: %s stopped with %s", name, exc)
             else:
                 logger.warning("autoscale: %s did not stop within %.0fs; killing it", name, RETIRE_TIMEOUT_S)
-            if last is not None:
-                last.fps, last.lag, last.lag_s, last.busy, last.running = 0.0, None, None, 0.0, False
-                control.progress.retired.append(last)
+            control.progress.retire(name, last)
             ray.kill(handle, no_restart=True)
 
     def report(self) -> dict[str, Any]:

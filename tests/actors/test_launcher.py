@@ -126,3 +126,21 @@ def test_a_stage_taking_nothing_while_its_group_has_records_waiting_is_asked_to_
     progress.update([{**idle[1], "records_in": 1}, idle[2]])
     time.sleep(0.4)
     assert watch.check(settings, workers, progress) == []  # it took a record: the clock starts again
+
+
+def test_totals_keep_the_work_of_replicas_restarted_or_removed() -> None:
+    """A Ray actor restarted after its process was killed reports from 0, and a removed replica stops
+    reporting: neither may take its committed work out of the live line or the run summary."""
+    from actors.ray.engine import RayWorkers
+
+    workers, progress = RayWorkers(actors={"count-0": None, "count-1": None}, stage_refs={}), Progress()
+
+    def report(name: str, pid: int, frames: int) -> dict[str, Any]:
+        return workers._over_lives(name, {"name": name, "stage": "count", "pid": pid, "frames_out": frames, "fps": 3.0})
+
+    progress.update([report("count-0", 100, 40), report("count-1", 200, 10)])
+    progress.update([report("count-0", 101, 2), report("count-1", 200, 12)])  # count-0's process was killed
+    assert progress.total("count", "frames_out") == 54
+    progress.update([report("count-0", 101, 5)])
+    progress.retire("count-1")  # removed for good (a chaos fault, the soak, the autoscaler)
+    assert progress.total("count", "frames_out") == 57 and progress.fps("count") == 3.0

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.stats import STAGES, SUMMARY_SCHEMA_VERSION, LatencyHistogram, RunSummary, WorkerStats
+from pipeline.stats import STAGES, SUMMARY_SCHEMA_VERSION, EarlierLives, LatencyHistogram, RunSummary, WorkerStats
 
 
 def exact_percentile(values: np.ndarray, q: float) -> float:
@@ -173,3 +173,17 @@ def test_tracked_counts_are_in_the_json_and_one_report_line_per_stream() -> None
     text = summary.report()
     assert "boxes counted" in text
     assert "hw: vehicles car=5, truck=1; highway in 3 / out 1; moving 5; stationary now 1" in text
+
+
+def test_a_worker_restarted_twice_keeps_what_every_earlier_life_counted() -> None:
+    lives = EarlierLives()
+    first, second = LatencyHistogram(), LatencyHistogram()
+    first.record(10.0)
+    second.record(20.0)
+    lives.end_life({"frames_out": 7, "skip_markers": 1, "latency_histogram": first.to_dict(), "restores": 3})
+    lives.end_life({"frames_out": 5, "commit_failures": 2, "latency_histogram": second.to_dict()})
+    live = {"name": "count-0", "frames_out": 4, "restores": 1, "restore_s": [0.2]}
+    total = lives.add_to(live)
+    assert total["frames_out"] == 16 and total["skip_markers"] == 1 and total["commit_failures"] == 2
+    assert total["restores"] == 1 and total["restore_s"] == [0.2]  # the live process's own restores
+    assert total["latency_ms"]["n"] == 2 and live["frames_out"] == 4  # the report itself is left as it was
