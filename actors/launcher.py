@@ -349,10 +349,11 @@ class StallWatch:
     """How long a stage may take no record while its group has some waiting (past a session timeout)."""
     seen: dict[str, tuple[int, float]] = field(default_factory=dict)
     """Stage -> (records it had taken, when that last changed)."""
+    clock: Callable[[], float] = time.monotonic
 
     def check(self, settings: Settings, workers: Workers, progress: Progress) -> list[str]:
         """Kick the stalled stages (at most once per ``after_s`` each); returns their names."""
-        now, kicked = time.monotonic(), []
+        now, kicked = self.clock(), []
         for stage, topic in stage_inputs(settings).items():
             taken = progress.total(stage, "records_in")
             before, since = self.seen.get(stage, (-1, now))
@@ -365,7 +366,7 @@ class StallWatch:
             except Exception as exc:  # broker unreachable: nothing to learn now, the next check asks again
                 logger.debug("stall check of %s failed: %s", stage, exc)
                 waiting = 0
-            self.seen[stage] = (taken, time.monotonic())
+            self.seen[stage] = (taken, self.clock())
             replicas = [n for n in workers.stage_names() if n.rsplit("-", 1)[0] == stage]
             failing = [st.last_error for st in progress.stage(stage) if st.name in progress.fresh and st.last_error]
             if waiting and replicas and not failing:  # a replica retrying a known failure says why itself

@@ -228,15 +228,6 @@ class FrameProducer:
         frames: Any = None
         backlog: _Backlog | None = None
         try:
-            # A named camera goes on numbering from its last run, however long ago that was.
-            since_ms = None if live and self.spec.explicit_id else self.since_ms
-            progress = stream_progress(cfg, self.spec.stream_id, since_ms)
-            resumed = self.published = progress.next_index
-            if progress.finished and not live:
-                logger.warning("%s: already complete in %s (%d frames); nothing to publish", self.spec.stream_id, topic, resumed)
-                return ProducerResult(self.spec.stream_id, resumed, 0, 0, 0.0, None, None, resumed).to_dict()
-            if resumed:
-                logger.warning("%s: resuming after frame %d already in %s", self.spec.stream_id, resumed - 1, topic)
             # Short metadata age: a just-created topic's partitions show up within a second.
             options: dict[str, Any] = {"enable_idempotence": True, "metadata_max_age_ms": 1000}
             if transactional:
@@ -253,9 +244,20 @@ class FrameProducer:
                 now = stream_progress(cfg, self.spec.stream_id, self.since_ms)
                 return now.finished or now.next_index > max(indices)
 
+            # Made before the scan below: init_transactions settles a predecessor's last transaction
+            # (its markers written, or aborted), so the committed frames the scan reads are all there.
             batch = self.batch = _Transaction(
                 new_producer, transactional, cfg.producer.transaction_ms / 1000, landed, cfg.kafka.ack_timeout_s
             )
+            # A named camera goes on numbering from its last run, however long ago that was.
+            since_ms = None if live and self.spec.explicit_id else self.since_ms
+            progress = stream_progress(cfg, self.spec.stream_id, since_ms)
+            resumed = self.published = progress.next_index
+            if progress.finished and not live:
+                logger.warning("%s: already complete in %s (%d frames); nothing to publish", self.spec.stream_id, topic, resumed)
+                return ProducerResult(self.spec.stream_id, resumed, 0, 0, 0.0, None, None, resumed).to_dict()
+            if resumed:
+                logger.warning("%s: resuming after frame %d already in %s", self.spec.stream_id, resumed - 1, topic)
             partitions = topic_partitions(cfg.kafka, topic)
             self._await_partitions(batch.producer, topic, partitions)
             pacer = Pacer(0 if live else cfg.producer.fps)  # a camera is decimated instead (``_camera``)

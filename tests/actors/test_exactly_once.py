@@ -32,7 +32,8 @@ pytestmark = pytest.mark.kafka
 def _frames_in_a(settings: Any, stream_id: str) -> tuple[list[int], int]:
     """Frame indices of a stream in topic A (committed only) and its end-of-stream count."""
     indices, eos = [], 0
-    for r in read_all(settings.kafka, settings.topics.frames.name):
+    # settled: a transaction just committed may not have its markers on every partition yet
+    for r in read_all(settings.kafka, settings.topics.frames.name, settled=True):
         item = decode_frame(r.value, r.headers)
         if isinstance(item, EndOfStream):
             eos += item.stream_id == stream_id
